@@ -1,0 +1,166 @@
+"""Tokenizers (`tokenizer.json` via `tokenizers`, `tokenizer.model` via sentencepiece) and chat templates.
+
+Chat templates are the model's own Jinja template (`chat_template` in tokenizer_config.json or
+`chat_template.jinja`), rendered with the same Jinja settings as transformers' `apply_chat_template`
+(trim_blocks, lstrip_blocks, a sandbox, `raise_exception`); models that ship none can use a built-in one.
+"""
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+        " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
+        "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '')"
+        " + m['content'] | trim + ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim"
+        " + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    "alpaca": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"),
+}
+# tokens that end an assistant turn in the common templates (generation stops at any of them)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>", "<end_of_turn>")
+
+
+def _jinja_env():
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _token_str(t):
+    return t.get("content") if isinstance(t, dict) else t
+
+
+class Tokenizer:
+    """encode/decode + chat template over either backend. `stop_ids` are EOS plus end-of-turn tokens."""
+
+    def __init__(self, backend, config: dict, chat_template: str | None = None):
+        self.backend, self.config = backend, config
+        self.is_sp = not hasattr(backend, "token_to_id")  # sentencepiece processor
+        self.bos_token = _token_str(config.get("bos_token"))
+        self.eos_token = _token_str(config.get("eos_token"))
+        self.pad_token = _token_str(config.get("pad_token"))
+        self.add_bos = bool(config.get("add_bos_token", self.is_sp))
+        self.add_eos = bool(config.get("add_eos_token", False))
+        self.chat_template = chat_template
+        self.bos_id, self.eos_id, self.pad_id = (self.token_to_id(t) for t in
+                                                 (self.bos_token, self.eos_token, self.pad_token))
+        self.stop_ids = {i for i in [self.eos_id, *map(self.token_to_id, END_OF_TURN)] if i is not None}
+        specials = [_token_str(t) for t in (config.get("added_tokens_decoder") or {}).values()]
+        self.special_tokens = sorted({s for s in specials + [self.bos_token, self.eos_token] if s}, key=len,
+                                     reverse=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_piece_size() if self.is_sp else self.backend.get_vocab_size()
+
+    def token_to_id(self, token):
+        if token is None:
+            return None
+        if self.is_sp:
+            i = self.backend.piece_to_id(token)
+            return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.is_sp:
+            ids = self._sp_encode(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        if add_special_tokens and self.add_eos and self.eos_id is not None and ids[-1:] != [self.eos_id]:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def _sp_encode(self, text):
+        # sentencepiece knows nothing of special tokens written in text ("<s>", "[INST]"): split them out first
+        if not self.special_tokens:
+            return self.backend.encode(text)
+        ids = []
+        for i, part in enumerate(re.split("(" + "|".join(map(re.escape, self.special_tokens)) + ")", text)):
+            if i % 2:
+                ids.append(self.token_to_id(part))
+            elif part:
+                ids.extend(self.backend.encode(part))
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.is_sp:
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            template: str | None = None) -> str:
+        """Render a conversation to text. `template`: a built-in name (chatml, llama3, llama2, alpaca) or Jinja."""
+        source = BUILTIN_TEMPLATES.get(template, template) or self.chat_template
+        if source is None:
+            raise ValueError(f"this tokenizer has no chat template; pick one of {', '.join(BUILTIN_TEMPLATES)}")
+        kw = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token")}
+        return _jinja_env().from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                        **{**kw, "bos_token": self.bos_token or "",
+                                                           "eos_token": self.eos_token or ""})
+
+    def save(self, path):
+        """Write tokenizer.json / tokenizer.model + tokenizer_config.json (with the chat template)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.is_sp:
+            (path / "tokenizer.model").write_bytes(self.backend.serialized_model_proto())
+        else:
+            self.backend.save(str(path / "tokenizer.json"))
+        cfg = dict(self.config)
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """An HF model dir (tokenizer.json or tokenizer.model + tokenizer_config.json) or a .gguf file -> Tokenizer."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from .gguf import gguf_tokenizer
+        return gguf_tokenizer(path)
+    cfg_file = path / "tokenizer_config.json"
+    try:
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+        backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    elif (path / "tokenizer.model").is_file():
+        import sentencepiece as spm
+        backend = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    else:
+        raise ValueError(f"{path}: no tokenizer.json or tokenizer.model")
+    return Tokenizer(backend, config, template)
