@@ -1,0 +1,113 @@
+"""Parity of our decoder with HF transformers on tiny random configs, loaded through our production loader."""
+import json
+
+import pytest
+import torch
+
+from model import KVCache, load_pretrained, save_pretrained
+from tests.reference import run_reference, tiny_hf_config
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CONFIGS = {
+    "llama": tiny_hf_config("llama"),
+    "llama-llama3-rope": tiny_hf_config("llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama-linear-rope-bias-tied": tiny_hf_config("llama", rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                                  attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                                  head_dim=32),
+    "qwen2": tiny_hf_config("qwen2"),
+    "qwen3": tiny_hf_config("qwen3"),
+    "mistral": tiny_hf_config("mistral"),
+    "mistral-window": tiny_hf_config("mistral", sliding_window=5),
+}
+
+
+def _batch(T=12, vocab=128):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, T), generator=g)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, :4] = 0   # left padding
+    mask[2, -5:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """One reference subprocess: builds every tiny HF model (randomised norms/biases), saves it, and records
+    its logits with and without padding masks; then loads our saved copies back into transformers."""
+    work = tmp_path_factory.mktemp("hf")
+    ids, mask = _batch()
+    out = run_reference(f"""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        configs = json.loads({json.dumps(json.dumps(CONFIGS))})
+        x = load_file("in.safetensors")
+        res = {{}}
+        for i, (name, cfg) in enumerate(configs.items()):
+            torch.manual_seed(i)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32).eval()
+            with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so they are tested
+                for n, p in model.named_parameters():
+                    if n.endswith("norm.weight") or n.endswith("bias"):
+                        p.add_(torch.randn_like(p) * 0.1)
+                model.save_pretrained(name)
+                res[name + "/plain"] = model(input_ids=x["ids"]).logits
+                res[name + "/mask"] = model(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        save_file(res, "out.safetensors")
+    """, work, {"ids": ids, "mask": mask})
+    return work, out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(hf, name):
+    work, ref = hf
+    ids, mask = _batch()
+    ours = load_pretrained(work / name)
+    with torch.no_grad():
+        got_plain = ours(ids)
+        got_mask = ours(ids, attention_mask=mask)
+    assert (got_plain - ref[name + "/plain"]).abs().max() <= 1e-5
+    keep = mask.bool()  # padded positions are garbage in both and never used
+    assert (got_mask - ref[name + "/mask"])[keep].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral-window"])
+def test_kv_cache_generation_equals_full_forward(hf, name):
+    model = load_pretrained(hf[0] / name)
+    ids, _ = _batch(T=10)
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.cfg.num_hidden_layers)
+        steps = [model(ids[:, :6], cache=cache)]
+        for t in range(6, 10):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+
+
+def test_saved_model_loads_in_transformers(hf, tmp_path):
+    """Our save_pretrained output (single file and sharded, fp32 and bf16) gives transformers the same logits."""
+    work, _ = hf
+    ids, _ = _batch()
+    want = {}
+    for name in ("llama-linear-rope-bias-tied", "qwen3"):
+        model = load_pretrained(work / name)
+        save_pretrained(model, tmp_path / name, max_shard_bytes=20_000)  # forces several shards
+        with torch.no_grad():
+            want[name] = model(ids)
+    bf16 = load_pretrained(work / "qwen2", dtype=torch.bfloat16)
+    save_pretrained(bf16, tmp_path / "qwen2-bf16")
+    with torch.no_grad():
+        want["qwen2-bf16"] = bf16(ids).float()
+    assert (tmp_path / "qwen3" / "model.safetensors.index.json").is_file()
+    got = run_reference(f"""
+        from transformers import AutoModelForCausalLM
+        x = load_file("in.safetensors")
+        res = {{}}
+        for name in {list(want)!r}:
+            dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+            m = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
+            with torch.no_grad():
+                res[name] = m(input_ids=x["ids"]).logits.float()
+        save_file(res, "out.safetensors")
+    """, tmp_path, {"ids": ids})
+    for name in want:
+        assert (got[name] - want[name]).abs().max() <= (1e-5 if "bf16" not in name else 0), name
