@@ -111,3 +111,33 @@ def test_saved_model_loads_in_transformers(hf, tmp_path):
     """, tmp_path, {"ids": ids})
     for name in want:
         assert (got[name] - want[name]).abs().max() <= (1e-5 if "bf16" not in name else 0), name
+
+
+def test_gradient_checkpointing_same_gradients(hf):
+    model = load_pretrained(hf[0] / "qwen3").train()
+    ids, mask = _batch()
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(ids, attention_mask=mask).float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=0, atol=1e-6), n
+
+
+def test_block_diagonal_mask_equals_separate_sequences(hf):
+    """Packing: two sequences in one row with restarted positions and a block-diagonal causal mask give the
+    same logits as running each alone."""
+    model = load_pretrained(hf[0] / "llama")
+    ids, _ = _batch(T=10)
+    a, b = ids[0, :4], ids[1, :6]
+    packed = torch.cat([a, b])[None]
+    pos = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    seg = torch.tensor([0] * 4 + [1] * 6)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    mask = (causal & (seg[:, None] == seg[None, :]))[None, None]
+    with torch.no_grad():
+        got = model(packed, attention_mask=mask, position_ids=pos)[0]
+        want = torch.cat([model(a[None])[0], model(b[None])[0]])
+    assert (got - want).abs().max() <= 1e-5
