@@ -27,9 +27,11 @@ def randomize(m, seed):
             p.copy_(p * (1 + 0.1 * noise) if n.endswith(SCALES) else p + 0.1 * noise)
 
 
-def build(tmp, archs, cases, peft_cases=None, merge=True):
+def build(tmp, archs, cases, peft_cases=None, merge=True, pairs=None):
     """cases: name -> our config (a fresh one per call: apply may fill defaults in).
-    peft_cases: name -> (PEFT config class name, kwargs), or None when PEFT has no such method."""
+    peft_cases: name -> (PEFT config class name, kwargs), or None when PEFT has no such method.
+    pairs: the (arch, case) pairs to run (default: every case on every arch)."""
+    pairs = pairs or [(a, c) for a in archs for c in cases]
     out = {"hf": {}, "ours": {}, "base": {}, "tmp": tmp}
     for arch in archs:
         hf = make_hf_model(tmp / arch, tiny_hf_config(arch))
@@ -38,6 +40,8 @@ def build(tmp, archs, cases, peft_cases=None, merge=True):
         with torch.no_grad():
             out["base"][arch] = base(IDS)
         for case, make_cfg in cases.items():
+            if (arch, case) not in pairs:
+                continue
             m = peft.apply(copy.deepcopy(base), make_cfg())
             r = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad), "model": m}
             with torch.no_grad():
@@ -66,6 +70,8 @@ def build(tmp, archs, cases, peft_cases=None, merge=True):
         for arch in {list(archs)!r}:
             base = AutoModelForCausalLM.from_pretrained("{tmp}/" + arch + "/hf", dtype=torch.float32).eval()
             for case in {list(cases)!r}:
+                if [arch, case] not in {[list(p) for p in pairs]!r}:
+                    continue
                 key = arch + "." + case
                 if {merge!r}:
                     merged = AutoModelForCausalLM.from_pretrained("{tmp}/merged/" + arch + "/" + case,
