@@ -21,10 +21,14 @@ from safetensors.torch import load_file, save_file
 
 from . import lora
 from .lora import LoraConfig
-# --- PEFT-B's methods (prefix.py, prompt.py, llama_adapter.py): the lead adds their imports here ---
+from . import llama_adapter, prefix, prompt
+from .llama_adapter import LlamaAdapterConfig
+from .prefix import PrefixConfig
+from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["LoraConfig", "apply", "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge",
-           "merge_and_unload", "unwrap", "config_from_json"]
+__all__ = ["LoraConfig", "PromptConfig", "PTuningConfig", "PrefixConfig", "LlamaAdapterConfig", "apply",
+           "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "unwrap",
+           "config_from_json"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -33,7 +37,12 @@ def _method(cfg):
     """The module that implements `cfg`'s method."""
     if isinstance(cfg, LoraConfig):  # LoRA, rsLoRA and DoRA
         return lora
-    # --- PEFT-B's methods: the lead adds `if isinstance(cfg, PrefixConfig): return prefix` etc. here ---
+    if isinstance(cfg, (PromptConfig, PTuningConfig)):
+        return prompt
+    if isinstance(cfg, PrefixConfig):
+        return prefix
+    if isinstance(cfg, LlamaAdapterConfig):
+        return llama_adapter
     raise TypeError(f"not a PEFT config: {type(cfg).__name__}")
 
 
@@ -42,8 +51,11 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
     t = d.get("peft_type")
     if t == "LORA":
         return LoraConfig.from_json(d, source)
-    # --- PEFT-B's methods: the lead adds PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT here ---
-    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA)")
+    for cls in (PromptConfig, PTuningConfig, PrefixConfig, LlamaAdapterConfig):
+        if t == cls.peft_type:
+            return cls.from_json(d, source)
+    raise ValueError(f"{source}: unknown peft_type {t!r} "
+                     "(supported: LORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,6 +101,8 @@ def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> 
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
     save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if hasattr(_method(cfg), "save_extra"):  # files beside PEFT's, e.g. the P-tuning encoder (peft/prompt.py)
+        _method(cfg).save_extra(model, tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -116,6 +130,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
     model = apply(model, cfg)
     _method(cfg).import_state(model, load_file(str(wfile)), str(wfile))
+    if hasattr(_method(cfg), "load_extra"):
+        _method(cfg).load_extra(model, path)
     return model
 
 
