@@ -1,4 +1,4 @@
-"""Prompt tuning, P-tuning, prefix tuning and LLaMA-Adapter against HF PEFT 0.21.2 (tiny random llama / qwen2).
+"""Prompt tuning, P-tuning, prefix tuning and LLaMA-Adapter against HF PEFT 0.21.2 (tiny random llama/qwen2/qwen3).
 
 One reference subprocess for the whole module: it loads our exported adapters with `PeftModel.from_pretrained`,
 and writes PEFT's own (randomised) adapters for us to load, with PEFT's logits for both.
@@ -26,6 +26,7 @@ CASES = {
                                                           encoder_hidden_size=16)),
     "prefix_llama": ("llama", prefix, lambda: PrefixConfig(num_virtual_tokens=4)),
     "prefix_qwen2": ("qwen2", prefix, lambda: PrefixConfig(num_virtual_tokens=3)),
+    "prefix_qwen3": ("qwen3", prefix, lambda: PrefixConfig(num_virtual_tokens=2)),  # head_dim != hidden/heads
     "prefix_proj": ("llama", prefix, lambda: PrefixConfig(num_virtual_tokens=4, prefix_projection=True,
                                                           encoder_hidden_size=32)),
     "adapter_llama": ("llama", llama_adapter, lambda: LlamaAdapterConfig(adapter_len=5, adapter_layers=1)),
@@ -122,7 +123,7 @@ def make_tokenizer(path):
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     d = tmp_path_factory.mktemp("peft_prompt")
-    for mt in ("llama", "qwen2"):
+    for mt in ("llama", "qwen2", "qwen3"):
         save_pretrained(tiny_base(mt), d / mt)
     make_tokenizer(d / "tok")
     g = torch.Generator().manual_seed(3)
