@@ -19,15 +19,18 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import adapters, bitfit, ia3, lora
+from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
 from .ia3 import IA3Config
 from .lora import LoraConfig
-# --- PEFT-B's methods (prefix.py, prompt.py, llama_adapter.py): the lead adds their imports here ---
+from .llama_adapter import LlamaAdapterConfig
+from .prefix import PrefixConfig
+from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LoraConfig", "apply", "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge",
-           "merge_and_unload", "unwrap", "config_from_json"]
+__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "PTuningConfig",
+           "PrefixConfig", "PromptConfig", "apply", "config_from_json", "load_adapter", "merge", "merge_and_unload",
+           "save_adapter", "trainable_summary", "unmerge", "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -42,7 +45,12 @@ def _method(cfg):
         return bitfit
     if isinstance(cfg, AdapterConfig):
         return adapters
-    # --- PEFT-B's methods: the lead adds `if isinstance(cfg, PrefixConfig): return prefix` etc. here ---
+    if isinstance(cfg, (PromptConfig, PTuningConfig)):
+        return prompt
+    if isinstance(cfg, PrefixConfig):
+        return prefix
+    if isinstance(cfg, LlamaAdapterConfig):
+        return llama_adapter
     raise TypeError(f"not a PEFT config: {type(cfg).__name__}")
 
 
@@ -57,8 +65,11 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
         return BitFitConfig.from_json(d, source)
     if t == "BOTTLENECK":  # nanotune's own format
         return AdapterConfig.from_json(d, source)
-    # --- PEFT-B's methods: the lead adds PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT here ---
-    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK)")
+    for cls in (PromptConfig, PTuningConfig, PrefixConfig, LlamaAdapterConfig):
+        if t == cls.peft_type:
+            return cls.from_json(d, source)
+    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK, "
+                     "PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -104,6 +115,8 @@ def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> 
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
     save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if hasattr(_method(cfg), "save_extra"):  # files beside PEFT's, e.g. the P-tuning encoder (peft/prompt.py)
+        _method(cfg).save_extra(model, tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -131,6 +144,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
     model = apply(model, cfg)
     _method(cfg).import_state(model, load_file(str(wfile)), str(wfile))
+    if hasattr(_method(cfg), "load_extra"):
+        _method(cfg).load_extra(model, path)
     return model
 
 
