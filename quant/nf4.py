@@ -61,7 +61,7 @@ class NF4State:
     shape: tuple
     dtype: torch.dtype                        # dtype of the original weight (what dequantize returns by default)
     nested_absmax: torch.Tensor | None = None  # fp32 (ceil(n_blocks / 256),)
-    nested_offset: float | None = None         # mean of the fp32 absmax before nested quantization
+    nested_offset: float | torch.Tensor | None = None  # mean of the fp32 absmax before nested quantization
     quant_type: str = "nf4"
 
     @property
@@ -125,12 +125,12 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     return torch.where(pick_hi, hi, lo).to(torch.uint8), nested, offset.item()
 
 
-def dequantize_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, offset: float) -> torch.Tensor:
+def dequantize_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, offset) -> torch.Tensor:
     """uint8 codes (m,) -> fp32 absmax: DYNAMIC_CODE[q] * nested_absmax[j // 256] + offset (two fp32 roundings)."""
     m = q.numel()
     vals = DYNAMIC_CODE.to(q.device)[q.long()]
     scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:m]
-    return vals * scale + torch.tensor(offset, dtype=torch.float32, device=q.device)
+    return vals * scale + torch.as_tensor(offset, dtype=torch.float32, device=q.device)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
