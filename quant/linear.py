@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4 import NF4State, check_state, quantize_nf4
+from .nf4 import NF4State, check_state, from_bnb_tensors, quantize_nf4, to_bnb_tensors
 
 
 def dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
@@ -41,20 +41,44 @@ class NF4Linear(nn.Module):
 
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
         super().__init__()
-        check_state(packed, state, "NF4Linear")
+        self._set(packed, state, "NF4Linear")
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    def _set(self, packed: torch.Tensor, state: NF4State, source: str):
+        check_state(packed, state, source)
         if len(state.shape) != 2:
-            raise ValueError(f"NF4Linear: weight shape {list(state.shape)} is not 2-D (out_features, in_features)")
+            raise ValueError(f"{source}: weight shape {list(state.shape)} is not 2-D (out_features, in_features)")
         self.out_features, self.in_features = state.shape
         self.blocksize, self.weight_dtype = state.blocksize, state.dtype
         self.register_buffer("weight", packed.contiguous().view(-1).view(torch.uint8)[:, None])
         self.register_buffer("absmax", state.absmax)
-        if state.double_quant:
-            self.register_buffer("nested_absmax", state.nested_absmax)
-            self.register_buffer("nested_offset", torch.as_tensor(state.nested_offset, dtype=torch.float32,
-                                                                  device=state.absmax.device))
-        else:
-            self.nested_absmax = self.nested_offset = None
-        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        dq = state.double_quant
+        self.register_buffer("nested_absmax", state.nested_absmax if dq else None)
+        self.register_buffer("nested_offset", torch.as_tensor(state.nested_offset, dtype=torch.float32,
+                                                              device=state.absmax.device) if dq else None)
+
+    # state_dict in bitsandbytes' layout (`weight`, `weight.absmax`, ..., `weight.quant_state...`), so a quantized
+    # model saves with model.save_pretrained and loads in transformers + bitsandbytes (quant/checkpoint.py)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in to_bnb_tensors(self.weight, self.state).items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if "weight" not in mine:
+            missing_keys.append(prefix + "weight")
+            return
+        packed, state = from_bnb_tensors(mine, prefix.rstrip("."))
+        dev = self.weight.device
+        self._set(packed.to(dev), state.to(dev), prefix.rstrip("."))
+        if self.bias is not None:
+            if prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
+            else:
+                self.bias.data = state_dict[prefix + "bias"].to(self.bias.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":

@@ -13,6 +13,7 @@ Layout (bitsandbytes 0.50.2, see docs/quant.md): the tensor is flattened row-maj
 padded with code 7 (the value 0.0). Everything here is vectorised torch and runs on any device: it is the CPU
 implementation and the reference the CUDA kernel (quant/csrc/nf4_dequant.cu) is tested against.
 """
+import json
 import math
 from dataclasses import dataclass
 
@@ -193,3 +194,53 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         vals = torch.nn.functional.pad(vals, (0, pad))
     out = vals[:absmax.numel() * bs].view(-1, bs) * absmax[:, None]  # (n_blocks, bs) fp32
     return out.view(-1)[:n].to(dtype).view(state.shape)
+
+
+# --- bitsandbytes' serialised layout of one 4-bit weight `<p>.weight` (what transformers saves) -------------
+QS_SUFFIX = "weight.quant_state.bitsandbytes__nf4"  # uint8 bytes of a JSON with the non-tensor fields
+
+
+def to_bnb_tensors(packed: torch.Tensor, state: NF4State) -> dict[str, torch.Tensor]:
+    """(packed, state) -> {"weight": ..., "weight.absmax": ..., ...}: the keys under a module's prefix."""
+    meta = {"quant_type": state.quant_type, "blocksize": state.blocksize,
+            "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    # the codebooks are cloned: safetensors refuses tensors that share memory
+    out = {"weight": packed, "weight.absmax": state.absmax, "weight.quant_map": NF4_CODE.clone().to(packed.device)}
+    if state.double_quant:
+        meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                    nested_offset=float(state.nested_offset))
+        out.update({"weight.nested_absmax": state.nested_absmax,
+                    "weight.nested_quant_map": DYNAMIC_CODE.clone().to(packed.device)})
+    out[QS_SUFFIX] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return out
+
+
+def from_bnb_tensors(t: dict[str, torch.Tensor], source: str) -> tuple[torch.Tensor, NF4State]:
+    """Inverse of to_bnb_tensors (also reads files written by bitsandbytes); one-line errors naming `source`."""
+    qs = [k for k in t if "quant_state." in k]
+    if qs != [QS_SUFFIX]:
+        raise ValueError(f"{source}: expected one quant_state key {QS_SUFFIX!r}, found {qs or 'none'} "
+                         f"(only bitsandbytes nf4 is supported)")
+    try:
+        meta = json.loads(bytes(t[QS_SUFFIX].view(torch.uint8).tolist()).decode())
+        shape, bs, dtype = tuple(meta["shape"]), int(meta["blocksize"]), getattr(torch, meta["dtype"])
+        quant_type = meta["quant_type"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}.{QS_SUFFIX}: corrupt quant_state JSON ({type(e).__name__}: {e})") from None
+    check_args(bs, quant_type)
+    for k in ("weight", "weight.absmax"):
+        if k not in t:
+            raise ValueError(f"{source}: missing tensor {k}")
+    if "weight.quant_map" in t and not torch.equal(t["weight.quant_map"].float().cpu(), NF4_CODE):
+        raise ValueError(f"{source}.weight.quant_map: not the NF4 codebook")
+    state = NF4State(t["weight.absmax"], bs, shape, dtype)
+    if "nested_offset" in meta or "weight.nested_absmax" in t:
+        if "weight.nested_absmax" not in t or "nested_offset" not in meta:
+            raise ValueError(f"{source}: double quant needs weight.nested_absmax and nested_offset")
+        if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE or (
+                "weight.nested_quant_map" in t and not torch.equal(t["weight.nested_quant_map"].cpu(), DYNAMIC_CODE)):
+            raise ValueError(f"{source}: nested quantization is not bitsandbytes' 8-bit dynamic map in blocks of 256")
+        state.nested_absmax, state.nested_offset = t["weight.nested_absmax"], float(meta["nested_offset"])
+    packed = as_bytes(t["weight"])[:, None]
+    check_state(packed, state, source)
+    return packed, state
