@@ -96,9 +96,10 @@ def kernel_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
     # the offset is read by the kernel from device memory: no host sync for a 0-d CUDA tensor
     nested = state.nested_absmax if dq else state.absmax  # any valid pointer when unused
     offset = torch.as_tensor(state.nested_offset if dq else 0.0, dtype=torch.float32, device=dev)
-    rc = getattr(lib, LAUNCHERS[dtype])(
-        out.data_ptr(), packed.data_ptr(), state.absmax.data_ptr(), nested.data_ptr(), offset.data_ptr(),
-        _codebooks[dev].data_ptr(), n, state.blocksize, int(dq), torch.cuda.current_stream(dev).cuda_stream)
+    with torch.cuda.device(dev):  # the launch goes to the current device: make it the tensors' one
+        rc = getattr(lib, LAUNCHERS[dtype])(
+            out.data_ptr(), packed.data_ptr(), state.absmax.data_ptr(), nested.data_ptr(), offset.data_ptr(),
+            _codebooks[dev].data_ptr(), n, state.blocksize, int(dq), torch.cuda.current_stream(dev).cuda_stream)
     if rc != 0:
         raise RuntimeError(f"NF4 CUDA kernel launch failed (cudaError {rc})")
     return out
