@@ -35,16 +35,12 @@ class NF4LinearFunction(torch.autograd.Function):
         return grad_x, grad_b, None
 
 
-class NF4Linear(nn.Module):
-    """Buffers: `weight` (packed uint8 (ceil(n/2), 1)), `absmax` (fp32, or uint8 with `nested_absmax` and the
-    0-d `nested_offset`); a frozen `bias` parameter if any. The layout is bitsandbytes' (quant/nf4.py)."""
+class NF4Weight:
+    """Mixin holding a 4-bit weight as buffers: `weight` (packed uint8 (ceil(n/2), 1)), `absmax` (fp32, or uint8
+    with `nested_absmax` and the 0-d `nested_offset`), in bitsandbytes' layout (quant/nf4.py). Shared by
+    NF4Linear and QLoRA's wrapper (quant/qlora.py). Other own parameters (the frozen bias, ...) keep their names."""
 
-    def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
-        super().__init__()
-        self._set(packed, state, "NF4Linear")
-        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
-
-    def _set(self, packed: torch.Tensor, state: NF4State, source: str):
+    def set_nf4(self, packed: torch.Tensor, state: NF4State, source: str = "NF4Linear"):
         check_state(packed, state, source)
         if len(state.shape) != 2:
             raise ValueError(f"{source}: weight shape {list(state.shape)} is not 2-D (out_features, in_features)")
@@ -57,34 +53,6 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_offset", torch.as_tensor(state.nested_offset, dtype=torch.float32,
                                                               device=state.absmax.device) if dq else None)
 
-    # state_dict in bitsandbytes' layout (`weight`, `weight.absmax`, ..., `weight.quant_state...`), so a quantized
-    # model saves with model.save_pretrained and loads in transformers + bitsandbytes (quant/checkpoint.py)
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for k, v in to_bnb_tensors(self.weight, self.state).items():
-            destination[prefix + k] = v if keep_vars else v.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
-        if "weight" not in mine:
-            missing_keys.append(prefix + "weight")
-            return
-        packed, state = from_bnb_tensors(mine, prefix.rstrip("."))
-        dev = self.weight.device
-        self._set(packed.to(dev), state.to(dev), prefix.rstrip("."))
-        if self.bias is not None:
-            if prefix + "bias" not in state_dict:
-                missing_keys.append(prefix + "bias")
-            else:
-                self.bias.data = state_dict[prefix + "bias"].to(self.bias.dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
-        packed, state = quantize_nf4(linear.weight, blocksize, double_quant)
-        return cls(packed, state, linear.bias)
-
     @property
     def state(self) -> NF4State:
         return NF4State(self.absmax, self.blocksize, (self.out_features, self.in_features), self.weight_dtype,
@@ -94,9 +62,53 @@ class NF4Linear(nn.Module):
         """The full-precision (out, in) weight in `dtype` (default: the dtype it was quantized from)."""
         return dequantize(self.weight, self.state, dtype or self.weight_dtype)
 
-    def forward(self, x):                                          # x: (..., in)
+    def nf4_linear(self, x):
+        """y = x W^T + b, W dequantized to x's dtype in forward and again in backward.   x: (..., in)"""
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return NF4LinearFunction.apply(x, bias, self)
+
+    # state_dict in bitsandbytes' layout (`weight`, `weight.absmax`, ..., `weight.quant_state...`), so a quantized
+    # model saves with model.save_pretrained and loads in transformers + bitsandbytes (quant/checkpoint.py)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in to_bnb_tensors(self.weight, self.state).items():
+            destination[prefix + k] = v
+        for k, p in self._parameters.items():
+            if p is not None:
+                destination[prefix + k] = p if keep_vars else p.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if "weight" not in mine:
+            missing_keys.append(prefix + "weight")
+            return
+        packed, state = from_bnb_tensors(mine, prefix.rstrip("."))
+        dev = self.weight.device
+        self.set_nf4(packed.to(dev), state.to(dev), prefix.rstrip("."))
+        for k, p in self._parameters.items():
+            if p is None:
+                continue
+            if prefix + k not in state_dict:
+                missing_keys.append(prefix + k)
+            else:
+                p.data = state_dict[prefix + k].to(device=dev, dtype=p.dtype)
+
+
+class NF4Linear(NF4Weight, nn.Module):
+    """A frozen linear layer stored in NF4 (see NF4Weight); forward computes in the input's dtype."""
+
+    def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.set_nf4(packed, state)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+        packed, state = quantize_nf4(linear.weight, blocksize, double_quant)
+        return cls(packed, state, linear.bias)
+
+    def forward(self, x):                                          # x: (..., in)
+        return self.nf4_linear(x)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
