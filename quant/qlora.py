@@ -13,9 +13,14 @@ quantized base). Usage:
 
 Merging is into the DEQUANTIZED base: adding s·B·A to 4-bit codes would round most of the delta away.
 """
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
+import peft
 from model.model import Transformer
 from peft import lora
 from peft.lora import LoraConfig, LoraLinear
@@ -67,6 +72,21 @@ def load_qlora(path, cfg: LoraConfig, dtype=torch.float32, device="cpu", blocksi
     the unquantized tensors (embeddings, norms, lm_head) and of the dequantized weights' default."""
     model = load_nf4(path, dtype=dtype, device=device, quantize=True, blocksize=blocksize, double_quant=double_quant)
     return apply(model, cfg)
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """peft.load_adapter for a model with NF4Linear layers: an HF PEFT LoRA dir (adapter_config.json +
+    adapter_model.safetensors, e.g. written by peft.save_adapter from a QLoRA run) applied as QLoRA."""
+    cfile, wfile = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
+    for f in (cfile, wfile):
+        if not f.is_file():
+            raise ValueError(f"{path}: no {f.name} (not an adapter directory)")
+    cfg = peft.config_from_json(json.loads(cfile.read_text()), str(cfile))
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"{cfile}: QLoRA needs a LORA adapter, got {type(cfg).__name__}")
+    model = apply(model, cfg)
+    lora.import_state(model, load_file(str(wfile)), str(wfile))
+    return model
 
 
 def merge_dequantized(model: nn.Module, dtype=torch.float32) -> nn.Module:

@@ -86,6 +86,10 @@ def test_merge_into_dequantized_base(hf_dir, tmp_path):
     ids = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = q(ids)
+    peft.save_adapter(q, tmp_path / "adapter")  # HF PEFT format; reloads onto a fresh NF4 model
+    again = qlora.load_adapter(checkpoint.load_nf4(hf_dir, quantize=True), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(again(ids), ref)
     with pytest.raises(RuntimeError, match="merging into 4-bit weights"):
         peft.merge(q)
     merged = qlora.merge_dequantized(q, torch.float32)
