@@ -1,0 +1,113 @@
+"""QLoRA: LoRA adapters on a frozen NF4 (+ double quant) base.
+
+Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", eq. 5:
+    Y = X · doubleDequant(c1, c2, W_nf4)^T + s · X L1 L2       (L1 L2 = our A^T B^T, s = alpha / r)
+Only the adapters train; the base weight is dequantized on the fly in forward and again in backward (for the
+input gradient), so the frozen model costs ~0.52 bytes/param. Adapters stay fp32 (PEFT's default over a
+quantized base). Usage:
+
+    model = load_qlora("path/to/hf_dir", LoraConfig(r=16, alpha=32, targets="all-linear"))
+    ... train model.parameters() that require grad ...
+    peft.save_adapter(model, "adapter/")               # HF PEFT format, base = the original model
+    dense = merge_dequantized(model, torch.bfloat16)   # plain Transformer: W = dequant(W_nf4) + s B A
+
+Merging is into the DEQUANTIZED base: adding s·B·A to 4-bit codes would round most of the delta away.
+"""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import peft
+from model.model import Transformer
+from peft import lora
+from peft.lora import LoraConfig, LoraLinear
+
+from .checkpoint import load_nf4
+from .linear import NF4Linear, NF4Weight
+
+
+class QLoraLinear(NF4Weight, LoraLinear):
+    """LoraLinear whose base computation is an NF4 linear; `weight` is the packed 4-bit buffer."""
+
+    def __init__(self, base: NF4Linear, cfg: LoraConfig):
+        # LoraLinear reads the shape, device and dtype from a dense weight: give it a zero-stride stand-in
+        stand_in = torch.empty(1, dtype=base.weight_dtype, device=base.weight.device)
+        super().__init__(stand_in.expand(base.out_features, base.in_features), base.bias, cfg)
+        del self.weight                                         # a plain attribute: replaced by the NF4 buffer
+        self.set_nf4(base.weight, base.state, "QLoraLinear")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cfg: LoraConfig):
+        if isinstance(module, NF4Linear):
+            return cls(module, cfg)
+        return LoraLinear.from_module(module, cfg)              # a target that was left unquantized
+
+    def base_forward(self, x):
+        return self.nf4_linear(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize(self.adapter_dtype)
+
+    def merge(self):
+        raise RuntimeError("QLoRA: merging into 4-bit weights would round the LoRA delta away; use "
+                           "quant.qlora.merge_dequantized(model, dtype) for a dense merged model")
+
+
+def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """LoRA on the NF4 linears (plain LoraLinear on any unquantized target); freezes everything else."""
+    if cfg.dora:
+        raise ValueError("QLoRA: DoRA over an NF4 base is not supported")
+    model = lora.apply(model, cfg, cls=QLoraLinear)
+    model.peft_config = cfg
+    return model
+
+
+def load_qlora(path, cfg: LoraConfig, dtype=torch.float32, device="cpu", blocksize: int = 64,
+               double_quant: bool = True) -> Transformer:
+    """Load an HF dir with its linear layers (except lm_head) quantized to NF4 at load time, streaming one
+    tensor at a time (or as stored, for a bitsandbytes 4-bit dir), then put LoRA on top. `dtype` is the dtype of
+    the unquantized tensors (embeddings, norms, lm_head) and of the dequantized weights' default."""
+    model = load_nf4(path, dtype=dtype, device=device, quantize=True, blocksize=blocksize, double_quant=double_quant)
+    return apply(model, cfg)
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """peft.load_adapter for a model with NF4Linear layers: an HF PEFT LoRA dir (adapter_config.json +
+    adapter_model.safetensors, e.g. written by peft.save_adapter from a QLoRA run) applied as QLoRA."""
+    cfile, wfile = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
+    for f in (cfile, wfile):
+        if not f.is_file():
+            raise ValueError(f"{path}: no {f.name} (not an adapter directory)")
+    cfg = peft.config_from_json(json.loads(cfile.read_text()), str(cfile))
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"{cfile}: QLoRA needs a LORA adapter, got {type(cfg).__name__}")
+    model = apply(model, cfg)
+    lora.import_state(model, load_file(str(wfile)), str(wfile))
+    return model
+
+
+def merge_dequantized(model: nn.Module, dtype=torch.float32) -> nn.Module:
+    """Replace every QLoraLinear by nn.Linear(dequant(W) + s B A) and every NF4Linear by nn.Linear(dequant(W)),
+    in `dtype`, in place: the result is a plain model that model.save_pretrained writes as a normal HF dir."""
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, NF4Weight):
+            continue
+        with torch.no_grad():
+            w = m.dequantize(torch.float32)                     # (out, in), merged in fp32 then cast once
+            if isinstance(m, QLoraLinear):
+                w = w + m.delta_weight().float()
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=dtype)
+            lin.weight.copy_(w)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        lin.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if hasattr(model, "cfg"):
+        model.cfg.hf.pop("quantization_config", None)
+    return model

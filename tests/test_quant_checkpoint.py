@@ -1,0 +1,135 @@
+"""bitsandbytes 4-bit HF checkpoints: transformers + bitsandbytes save -> we load (no bitsandbytes in-process), and
+we save -> transformers + bitsandbytes load, with the same logits."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.io import CheckpointError
+from quant.checkpoint import load_nf4, save_nf4
+from quant.linear import NF4Linear
+from tests.reference import run_reference, tiny_hf_config
+
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 100, 3], [4, 8, 15, 16, 23, 42, 64, 127]])
+# (name, double quant, quant_storage, max_shard_size): sharded so a weight's siblings land in other shards
+VARIANTS = [("dq_sharded", True, "uint8", "30KB"), ("plain_bf16_storage", False, "bfloat16", "5GB")]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A tiny random llama saved fp32, then quantized/saved by transformers + bitsandbytes, with its logits."""
+    wd = tmp_path_factory.mktemp("bnb_ckpt")
+    cfg = tiny_hf_config("llama")
+    out = run_reference(f"""
+        from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+        cfg = AutoConfig.for_model(**json.loads('{json.dumps(cfg)}'))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained("fp")
+        ids = load_file("in.safetensors")["ids"]
+        out = {{}}
+        for name, dq, storage, shard in {VARIANTS!r}:
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=dq,
+                                     bnb_4bit_compute_dtype=torch.float32,
+                                     bnb_4bit_quant_storage=getattr(torch, storage))
+            q = AutoModelForCausalLM.from_pretrained("fp", quantization_config=bnb, dtype=torch.float32,
+                                                     device_map="cpu")
+            with torch.no_grad():
+                out[name] = q(ids).logits
+            q.save_pretrained(name, max_shard_size=shard)
+        save_file(out, "out.safetensors")
+    """, wd, {"ids": IDS})
+    return wd, out
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.mark.parametrize("variant", [v[0] for v in VARIANTS])
+def test_load_bitsandbytes_dir_matches_transformers(ref, variant):
+    wd, out = ref
+    if variant == "dq_sharded":
+        assert (wd / variant / "model.safetensors.index.json").is_file()  # the layout under test
+        index = json.loads((wd / variant / "model.safetensors.index.json").read_text())["weight_map"]
+        shards = {}  # quantized module -> the shards holding its weight, absmax, quant_state, ...
+        for k, f in index.items():
+            if "_proj.weight" in k:
+                shards.setdefault(k.split(".weight")[0], set()).add(f)
+        assert any(len(s) > 1 for s in shards.values())
+    model = load_nf4(wd / variant)
+    assert isinstance(model.model.layers[1].mlp.down_proj, NF4Linear) and not isinstance(model.lm_head, NF4Linear)
+    assert torch.equal(_logits(model), out[variant])  # bit-exact: same dequantized weights, same fp32 matmuls
+
+
+def test_quantize_at_load_equals_bitsandbytes_bytes(ref):
+    """Quantizing the fp32 dir ourselves at load time gives bitsandbytes' packed bytes and absmax."""
+    wd, _ = ref
+    ours = load_nf4(wd / "fp", quantize=True, double_quant=False)
+    theirs = load_nf4(wd / "plain_bf16_storage")
+    for (name, a), b in zip(ours.named_modules(), theirs.modules()):
+        if isinstance(a, NF4Linear):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.absmax, b.absmax), name
+
+
+def test_saved_dir_loads_in_transformers_with_same_logits(ref, tmp_path):
+    wd, _ = ref
+    model = load_nf4(wd / "fp", quantize=True, double_quant=True)
+    save_nf4(model, tmp_path / "ours")
+    qc = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"] is True
+    theirs = run_reference(f"""
+        from transformers import AutoModelForCausalLM
+        import bitsandbytes as bnb
+        m = AutoModelForCausalLM.from_pretrained("{tmp_path / 'ours'}", dtype=torch.float32, device_map="cpu")
+        assert isinstance(m.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+        with torch.no_grad():
+            save_file({{"logits": m(load_file("in.safetensors")["ids"]).logits}}, "out.safetensors")
+    """, tmp_path / "ref", {"ids": IDS})["logits"]
+    assert torch.equal(theirs, _logits(model))
+    # and our own reload is exact
+    assert torch.equal(_logits(load_nf4(tmp_path / "ours")), _logits(model))
+
+
+def _edit(src, dst, fn_tensors=None, fn_config=None):
+    shutil.copytree(src, dst)
+    if fn_tensors:
+        sd = load_file(dst / "model.safetensors")
+        fn_tensors(sd)
+        save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    if fn_config:
+        c = json.loads((dst / "config.json").read_text())
+        fn_config(c)
+        (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_bad_checkpoints(ref, tmp_path):
+    wd, _ = ref
+    src = wd / "plain_bf16_storage"
+    qs = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+
+    def corrupt(sd):
+        sd[qs] = torch.tensor(list(b'{"quant_type": "nf4", "blocksize": 6'), dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight\.quant_state\.bitsandbytes__nf4: corrupt quant_state JSON"):
+        load_nf4(_edit(src, tmp_path / "a", corrupt))
+
+    def wrong_shape(sd):
+        meta = json.loads(bytes(sd[qs].tolist()))
+        meta["shape"] = [64, 66]
+        sd[qs] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match=r"q_proj: packed data has 2048 bytes but shape \[64, 66\] needs 2112"):
+        load_nf4(_edit(src, tmp_path / "b", wrong_shape))
+
+    def fp4(c):
+        c["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+    with pytest.raises(CheckpointError, match="bnb_4bit_quant_type 'fp4' is not supported"):
+        load_nf4(_edit(src, tmp_path / "c", fn_config=fp4))
+    with pytest.raises(CheckpointError, match="has no quantization_config"):
+        load_nf4(wd / "fp")
