@@ -67,6 +67,9 @@ def collective(op: str, out: torch.Tensor, inp: torch.Tensor, group=None, async_
     if not dist.is_initialized():
         out.copy_(inp)
         return None
+    # newer torch renames reduce_scatter_tensor / all_gather_into_tensor to *_single (the old names warn)
     if op == "reduce_scatter":
-        return dist.reduce_scatter_tensor(out, inp, group=group, async_op=async_op)
-    return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
+        fn = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+    else:
+        fn = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+    return fn(out, inp, group=group, async_op=async_op)

@@ -15,7 +15,7 @@ TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 STEPS, ACCUM, BATCH, SEQ = 20, 2, 8, 12          # global batch of BATCH rows, ACCUM micro-batches per rank
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-WD, MAX_NORM = 0.1, 0.6
+WD, MAX_NORM = 0.1, 1.0
 
 
 def make_model(tied=True):
