@@ -18,8 +18,12 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 WD, MAX_NORM = 0.1, 1.0
 
 
-def make_model(tied=True):
-    return Transformer(ModelConfig(**dict(TINY, tie_word_embeddings=tied))).init_weights(seed=0)
+def make_model(tied=True, frozen=False):
+    """frozen: like LoRA, most weights frozen (embeddings and MLPs); only attention and norms train."""
+    model = Transformer(ModelConfig(**dict(TINY, tie_word_embeddings=tied))).init_weights(seed=0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not (frozen and ("embed" in n or "mlp" in n)))
+    return model
 
 
 def batches():
@@ -39,16 +43,16 @@ def loss_fn(model, rows):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
-def reference(tied=True):
+def reference(tied=True, frozen=False):
     """torch.optim.AdamW + clip_grad_norm_ on the whole global batch, one process: losses, norms, params."""
-    model, data = make_model(tied), batches()
-    params = dict(model.named_parameters())
+    model, data = make_model(tied, frozen), batches()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([dict(g, params=[params[n] for n in g["params"]]) for g in groups(model)], **HYPER)
     losses, norms = [], []
     for s in range(STEPS):
         loss = loss_fn(model, data[s])
         loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        norms.append(torch.nn.utils.clip_grad_norm_(params.values(), MAX_NORM).item())
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -56,11 +60,12 @@ def reference(tied=True):
 
 
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
-               bucket_numel=4000, compute_dtype=None):
+               bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
     Returns losses (global means), norms, rank-0 consolidated params and this rank's memory figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    model, data = make_model(tied), batches()
+    model, data = make_model(tied, frozen), batches()
+    model.gradient_checkpointing = checkpointing
     opt = dist.ZeroOptimizer(model, stage, weight_decay=WD, groups=groups(model), offload=offload,
                              offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype, **HYPER)
     if load:

@@ -45,6 +45,7 @@ def world2(ckpt1, tmp_path_factory):
     jobs[2][2].update(save_at=10, save=out / "w2.safetensors")        # stage 2 also saves at step 10
     jobs.append(("resume_1to2", W.train_zero, dict(stage=2, start=10, load=ckpt1)))
     jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False)))
+    jobs.append(("frozen_ckpt_s3", W.train_zero, dict(stage=3, frozen=True, checkpointing=True)))
     jobs.append(("bf16_s2", W.train_zero, dict(stage=2, compute_dtype=torch.bfloat16, stop=3)))
     codes, _ = W.launch(2, jobs, str(out))
     assert codes == [0, 0]
@@ -72,8 +73,10 @@ def test_four_ranks_equal_adamw(world4, ref):
     assert_same(world4["s3o0"][0], ref)
 
 
-def test_untied_stage3_and_bf16_compute(world2, ref):
+def test_untied_frozen_checkpointed_bf16(world2, ref):
     assert_same(world2["untied_s3"][0], W.reference(tied=False))
+    # LoRA-like: frozen weights stay whole on every rank; with gradient checkpointing (recompute in backward)
+    assert_same(world2["frozen_ckpt_s3"][0], W.reference(frozen=True))
     # bf16 compute weights are the bf16 rounding of the fp32 masters, on every rank
     for r in world2["bf16_s2"]:
         master = world2["bf16_s2"][0]["params"]
@@ -91,7 +94,7 @@ def test_resume_changes_world_size(world2, world4, ref):
 def test_memory_per_rank(world2, world4, world):
     runs = world2 if world == 2 else world4
     for name, ranks in runs.items():
-        if name.startswith("resume") or name == "bf16_s2" or name == "ckpt":
+        if name.startswith("resume") or name in ("bf16_s2", "ckpt"):
             continue
         stage = 3 if "s3" in name else int(name[1])
         psi = sum(ranks[0]["mem"]["numels"])
