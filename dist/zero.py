@@ -56,18 +56,21 @@ class ZeroOptimizer:
     offload: fp32 master weights, gradient shard and AdamW state in CPU memory; fused AdamW steps there with
       `offload_threads` threads (torchrun sets OMP_NUM_THREADS=1).
     compute_dtype: dtype of the model's weights in forward/backward (e.g. torch.bfloat16); masters stay fp32.
-    bucket_numel: stage 1/2 bucket size in elements (stage 3 buckets are the model's blocks)."""
+    bucket_numel: stage 1/2 bucket size in elements (stage 3 buckets are the model's blocks).
+    average_grads: divide the summed gradients by the world size (DDP's mean); False when each rank's loss is
+      already divided by the global token count (train.py), so the plain sum is the gradient."""
 
     def __init__(self, model, stage: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, groups: list[dict] | None = None, offload: bool = False,
                  offload_threads: int | None = None, compute_dtype: torch.dtype | None = None,
-                 bucket_numel: int = 1 << 24, max_inflight: int = 1):
+                 bucket_numel: int = 1 << 24, max_inflight: int = 1,
+                 average_grads: bool = True):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r} (stage 0 = plain DDP, not this class)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters")
-        self.stage, self.offload, self.max_inflight = stage, offload, max_inflight
+        self.stage, self.offload, self.max_inflight, self.average = stage, offload, max_inflight, average_grads
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = named[0][1].device
@@ -218,7 +221,8 @@ class ZeroOptimizer:
                 out = torch.empty(b.shard_numel, dtype=self.dtype, device=self.device)
                 collective("reduce_scatter", out, b.flat_grad)
                 b.grad.copy_(out)
-            b.grad.div_(self.world)
+            if self.average:
+                b.grad.div_(self.world)
         self._reduced = True
 
     @torch.no_grad()

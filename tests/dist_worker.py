@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 import dist
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, save_pretrained
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
@@ -60,14 +60,18 @@ def reference(tied=True, frozen=False):
 
 
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
-               bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False):
+               bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False,
+               sum_grads=False, export=None):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
+    sum_grads: divide each rank's loss by the world size and let ZeRO sum (train.py's convention).
+    export: save the model (stage 3: gathered) with save_pretrained to this dir after training.
     Returns losses (global means), norms, rank-0 consolidated params and this rank's memory figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model, data = make_model(tied, frozen), batches()
     model.gradient_checkpointing = checkpointing
     opt = dist.ZeroOptimizer(model, stage, weight_decay=WD, groups=groups(model), offload=offload,
-                             offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype, **HYPER)
+                             offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype, average_grads=not sum_grads,
+                             **HYPER)
     if load:
         dist.load_checkpoint(opt, load)
     mem = {"initial": opt.memory_bytes()}
@@ -77,7 +81,7 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
         total = torch.zeros(())
         for micro in rows.chunk(ACCUM):
             loss = loss_fn(model, micro) / ACCUM
-            opt.backward(loss)
+            opt.backward(loss / world if sum_grads else loss)
             total += loss.detach()
         norms.append(opt.clip_grad_norm_(MAX_NORM).item())
         opt.step()
@@ -88,6 +92,10 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
     mem.update(final=opt.memory_bytes(), peak=dict(opt.peak), padded=opt.padded_numel,
                shards=[b.shard_numel for b in opt.buckets], numels=[b.numel for b in opt.buckets],
                owned=sum(e - a for _, a, e, _ in opt.segments))
+    if export:
+        with dist.gathered_params(opt):
+            if rank == 0:
+                save_pretrained(model, export)
     compute = {n: p.detach().clone() for n, p in model.named_parameters()} if stage < 3 else None
     return {"losses": losses, "norms": norms, "params": dist.consolidated_params(opt), "mem": mem,
             "compute": compute}

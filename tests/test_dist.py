@@ -7,6 +7,7 @@ import torch
 
 import dist
 import dist_worker as W
+from model import load_pretrained
 
 TOL = 1e-6  # max-abs on fp32 parameters after 20 steps (the bar)
 CONFIGS = [(s, o) for s in (1, 2, 3) for o in (False, True)]
@@ -42,21 +43,22 @@ def ckpt1(ref, tmp_path_factory):
 def world2(ckpt1, tmp_path_factory):
     out = tmp_path_factory.mktemp("w2")
     jobs = [(f"s{s}o{int(o)}", W.train_zero, dict(stage=s, offload=o)) for s, o in CONFIGS]
+    jobs[1][2].update(sum_grads=True)                                  # train.py's loss / global tokens
     jobs[2][2].update(save_at=10, save=out / "w2.safetensors")        # stage 2 also saves at step 10
     jobs.append(("resume_1to2", W.train_zero, dict(stage=2, start=10, load=ckpt1)))
-    jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False)))
+    jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False, export=out / "export")))
     jobs.append(("frozen_ckpt_s3", W.train_zero, dict(stage=3, frozen=True, checkpointing=True)))
     jobs.append(("bf16_s2", W.train_zero, dict(stage=2, compute_dtype=torch.bfloat16, stop=3)))
     codes, _ = W.launch(2, jobs, str(out))
     assert codes == [0, 0]
     return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(2)] for name, _, _ in jobs} | {
-        "ckpt": out / "w2.safetensors"}
+        "ckpt": out / "w2.safetensors", "export": out / "export"}
 
 
 @pytest.fixture(scope="module")
 def world4(world2, tmp_path_factory):
     out = tmp_path_factory.mktemp("w4")
-    jobs = [("s2o1", W.train_zero, dict(stage=2, offload=True)), ("s3o0", W.train_zero, dict(stage=3)),
+    jobs = [("s2o1", W.train_zero, dict(stage=2, offload=True, sum_grads=True)), ("s3o0", W.train_zero, dict(stage=3)),
             ("resume_2to4", W.train_zero, dict(stage=3, offload=True, start=10, load=world2["ckpt"]))]
     codes, _ = W.launch(4, jobs, str(out))
     assert codes == [0] * 4
@@ -74,7 +76,10 @@ def test_four_ranks_equal_adamw(world4, ref):
 
 
 def test_untied_frozen_checkpointed_bf16(world2, ref):
-    assert_same(world2["untied_s3"][0], W.reference(tied=False))
+    untied = W.reference(tied=False)
+    assert_same(world2["untied_s3"][0], untied)
+    exported = load_pretrained(world2["export"]).state_dict()  # stage 3 weights gathered and saved on rank 0
+    assert max((exported[n] - p).abs().max().item() for n, p in untied["params"].items()) <= TOL
     # LoRA-like: frozen weights stay whole on every rank; with gradient checkpointing (recompute in backward)
     assert_same(world2["frozen_ckpt_s3"][0], W.reference(frozen=True))
     # bf16 compute weights are the bf16 rounding of the fp32 masters, on every rank
@@ -94,7 +99,7 @@ def test_resume_changes_world_size(world2, world4, ref):
 def test_memory_per_rank(world2, world4, world):
     runs = world2 if world == 2 else world4
     for name, ranks in runs.items():
-        if name.startswith("resume") or name in ("bf16_s2", "ckpt"):
+        if name.startswith("resume") or name in ("bf16_s2", "ckpt", "export"):
             continue
         stage = 3 if "s3" in name else int(name[1])
         psi = sum(ranks[0]["mem"]["numels"])
@@ -115,7 +120,9 @@ def test_memory_per_rank(world2, world4, world):
 
 
 def test_stage3_single_process_and_bad_input(ref, ckpt1, tmp_path):
-    assert_same(W.train_zero(3), ref)  # stage 3 with world size 1 is allowed (it saves nothing, but works)
+    assert_same(W.train_zero(3, export=tmp_path / "m"), ref)  # stage 3 with world size 1 is allowed (and works)
+    exported = load_pretrained(tmp_path / "m").state_dict()
+    assert max((exported[n] - p).abs().max().item() for n, p in ref["params"].items()) <= TOL
     model = W.make_model()
     with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
         dist.ZeroOptimizer(model, 4)
