@@ -258,7 +258,8 @@ class ZeroOptimizer:
             else:
                 collective("all_gather", b.full, shard)
 
-    def zero_grad(self):
+    def zero_grad(self, set_to_none: bool = True):
+        """Zero the gradient buffers (they are flat and reused, so `set_to_none` is accepted and ignored)."""
         for b in self.buckets:
             b.grad.zero_()
             if b.flat_grad is not None:
