@@ -34,8 +34,8 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None, threa
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:  # share the cores between the processes of this machine (torchrun's OMP_NUM_THREADS=1 is too few)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    elif threads or "LOCAL_WORLD_SIZE" in os.environ:  # under torchrun, OMP_NUM_THREADS=1 is too few:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the cores between local ranks
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         for key in ("MASTER_ADDR", "MASTER_PORT"):

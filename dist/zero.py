@@ -140,6 +140,8 @@ class ZeroOptimizer:
     @torch.no_grad()
     def _init_bucket(self, b: Bucket):
         flat = b.flatten([p.detach() for p in b.params], torch.float32, self.device)  # (padded,)
+        if dist.is_initialized():  # like DDP: every rank starts from rank 0's weights
+            dist.broadcast(flat, src=0)
         b.master = flat[b.lo:b.hi].to(self.master_device, copy=True)
         b.grad = torch.zeros(b.shard_numel, dtype=torch.float32, device=self.master_device)
         if self.offload and torch.cuda.is_available():  # pinned host memory: async copies

@@ -61,14 +61,19 @@ def reference(tied=True, frozen=False):
 
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
                bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False,
-               sum_grads=False, export=None):
+               sum_grads=False, export=None, perturb=False):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
     sum_grads: divide each rank's loss by the world size and let ZeRO sum (train.py's convention).
     export: save the model (stage 3: gathered) with save_pretrained to this dir after training.
+    perturb: ranks other than 0 start from different weights (ZeroOptimizer must broadcast rank 0's).
     Returns losses (global means), norms, rank-0 consolidated params and this rank's memory figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model, data = make_model(tied, frozen), batches()
     model.gradient_checkpointing = checkpointing
+    if perturb and rank > 0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
     opt = dist.ZeroOptimizer(model, stage, weight_decay=WD, groups=groups(model), offload=offload,
                              offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype, average_grads=not sum_grads,
                              **HYPER)

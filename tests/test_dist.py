@@ -18,6 +18,7 @@ def assert_same(res, ref, start=0):
     assert res["params"].keys() == ref["params"].keys()
     diff = max((res["params"][n] - ref["params"][n]).abs().max().item() for n in ref["params"])
     assert diff <= TOL, diff
+    print(f"max |param - reference| = {diff:.2e}")
     assert torch.allclose(torch.tensor(res["losses"]), torch.tensor(ref["losses"][start:]), rtol=1e-6, atol=0)
     assert torch.allclose(torch.tensor(res["norms"]), torch.tensor(ref["norms"][start:]), rtol=1e-5, atol=0)
 
@@ -44,6 +45,7 @@ def world2(ckpt1, tmp_path_factory):
     out = tmp_path_factory.mktemp("w2")
     jobs = [(f"s{s}o{int(o)}", W.train_zero, dict(stage=s, offload=o)) for s, o in CONFIGS]
     jobs[1][2].update(sum_grads=True)                                  # train.py's loss / global tokens
+    jobs[4][2].update(perturb=True)                                    # rank 1 starts from other weights
     jobs[2][2].update(save_at=10, save=out / "w2.safetensors")        # stage 2 also saves at step 10
     jobs.append(("resume_1to2", W.train_zero, dict(stage=2, start=10, load=ckpt1)))
     jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False, export=out / "export")))
