@@ -218,6 +218,7 @@ class ZeroOptimizer:
         """Sum of gradients over ranks -> mean, in each rank's fp32 shard (stage 1 reduces here, once per step)."""
         if self._reduced:
             return
+        self._check_grads()
         for b in self.buckets:
             if self.stage == 1:
                 out = torch.empty(b.shard_numel, dtype=self.dtype, device=self.device)
@@ -226,6 +227,17 @@ class ZeroOptimizer:
             if self.average:
                 b.grad.div_(self.world)
         self._reduced = True
+
+    def _check_grads(self):
+        """Catch the two silent misuses: loss.backward() instead of opt.backward() (buckets left unreduced, the
+        next backward out of step), and stage 1 .grad views replaced (model.zero_grad(set_to_none=True))."""
+        if self._next or self._pending or any(b.ready for b in self.buckets):
+            raise RuntimeError("ZeroOptimizer: gradients were not reduced: call opt.backward(loss), not loss.backward()")
+        for b in self.buckets:
+            if b.flat_grad is not None and any(p.grad is None or p.grad.data_ptr() != v.data_ptr()
+                                               for p, v in zip(b.params, b.views(b.flat_grad))):
+                raise RuntimeError("ZeroOptimizer: a parameter's .grad was replaced (model.zero_grad()?): "
+                                   "use opt.zero_grad()")
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

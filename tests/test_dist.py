@@ -136,6 +136,16 @@ def test_stage3_single_process_and_bad_input(ref, ckpt1, tmp_path):
     with pytest.raises(ValueError, match=r"w1.safetensors: parameter names do not match the model: missing \[\], "
                                          r"unexpected \['model.layers.0.mlp.up_proj.weight'\]"):
         dist.load_checkpoint(opt, ckpt1)
+    for stage in (1, 2):  # the silent misuses become errors
+        model = W.make_model()
+        opt = dist.ZeroOptimizer(model, stage)
+        if stage == 1:
+            model.zero_grad(set_to_none=True)
+            opt.backward(W.loss_fn(model, W.batches()[0]))
+        else:
+            W.loss_fn(model, W.batches()[0]).backward()
+        with pytest.raises(RuntimeError, match="use opt.zero_grad" if stage == 1 else "call opt.backward"):
+            opt.step()
     with pytest.raises(ValueError, match="in optimizer groups 0 and 1"):
         dist.ZeroOptimizer(W.make_model(), 1, groups=[{"params": ["lm_head.weight"]}, {"params": ["lm_head.weight"]}])
 
