@@ -269,6 +269,7 @@ class ZeroOptimizer:
             shard = b.master.to(self.device, self.dtype, non_blocking=True)
             if b.sharded:
                 b.shard_param.copy_(shard)
+                zero3.free(b)  # a unit left gathered (e.g. by a no-grad forward) must be re-gathered
             else:
                 collective("all_gather", b.full, shard)
 

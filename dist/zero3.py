@@ -8,7 +8,7 @@ re-gathered values when backward needs them.
   backward: hook on the module's output gradient -> all-gather again; when every parameter of the unit has
             reported its gradient (ZeroOptimizer._on_grad) -> free, since no backward node needs it any more.
 Tied embeddings (lm_head.weight is embed_tokens.weight) just make the embedding unit live from the embedding
-to the LM head. Trainable parameters outside these modules (e.g. prompt embeddings) form one unit that is
+to the LM head. The final norm also gathers the LM head, for losses that use lm_head.weight directly. Trainable parameters outside these modules (e.g. prompt embeddings) form one unit that is
 never freed. Gradient checkpointing works: forward hooks do not free during backward (recomputation).
 """
 import contextlib
@@ -64,6 +64,9 @@ class Gatherer:
             bis = {opt.where[id(p)][0] for p in m.parameters() if id(p) in opt.where}
             uses.append([opt.buckets[i] for i in sorted(bis) if opt.buckets[i].sharded])
         last = {id(b): i for i, bs in enumerate(uses) for b in bs}  # the unit's last user in forward
+        # The final norm also gathers the LM head: a chunked loss (train.py) reads lm_head.weight after
+        # forward(hidden_only=True) without calling lm_head. Backward or the end of backward frees it then.
+        uses[-2] = uses[-2] + [b for b in uses[-1] if b not in uses[-2]]
         for i, (m, bs) in enumerate(zip(modules, uses)):
             if bs:
                 frees = [b for b in bs if last[id(b)] == i]

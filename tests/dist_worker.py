@@ -38,18 +38,23 @@ def groups(model):
             {"params": [n for n in names if n.endswith("norm.weight")], "weight_decay": 0.0}]
 
 
-def loss_fn(model, rows):
-    logits = model(rows[:, :-1])                                       # (B, T, V)
+def loss_fn(model, rows, head_matmul=False):
+    """Mean next-token CE. head_matmul: like train.py's chunked loss, read lm_head.weight after
+    forward(hidden_only=True) instead of calling lm_head."""
+    if head_matmul:
+        logits = model(rows[:, :-1], hidden_only=True) @ model.lm_head.weight.T
+    else:
+        logits = model(rows[:, :-1])                                   # (B, T, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
-def reference(tied=True, frozen=False):
+def reference(tied=True, frozen=False, steps=STEPS):
     """torch.optim.AdamW + clip_grad_norm_ on the whole global batch, one process: losses, norms, params."""
     model, data = make_model(tied, frozen), batches()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([dict(g, params=[params[n] for n in g["params"]]) for g in groups(model)], **HYPER)
     losses, norms = [], []
-    for s in range(STEPS):
+    for s in range(steps):
         loss = loss_fn(model, data[s])
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params.values(), MAX_NORM).item())
@@ -61,7 +66,8 @@ def reference(tied=True, frozen=False):
 
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
                bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False,
-               sum_grads=False, export=None, perturb=False):
+               sum_grads=False, export=None, perturb=False,
+               head_matmul=False):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
     sum_grads: divide each rank's loss by the world size and let ZeRO sum (train.py's convention).
     export: save the model (stage 3: gathered) with save_pretrained to this dir after training.
@@ -85,7 +91,7 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
         rows = data[s][rank * per:(rank + 1) * per]
         total = torch.zeros(())
         for micro in rows.chunk(ACCUM):
-            loss = loss_fn(model, micro) / ACCUM
+            loss = loss_fn(model, micro, head_matmul) / ACCUM
             opt.backward(loss / world if sum_grads else loss)
             total += loss.detach()
         norms.append(opt.clip_grad_norm_(MAX_NORM).item())

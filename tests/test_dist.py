@@ -48,7 +48,8 @@ def world2(ckpt1, tmp_path_factory):
     jobs[4][2].update(perturb=True)                                    # rank 1 starts from other weights
     jobs[2][2].update(save_at=10, save=out / "w2.safetensors")        # stage 2 also saves at step 10
     jobs.append(("resume_1to2", W.train_zero, dict(stage=2, start=10, load=ckpt1)))
-    jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False, export=out / "export")))
+    jobs.append(("untied_s3", W.train_zero, dict(stage=3, tied=False, head_matmul=True,
+                                                   export=out / "export")))
     jobs.append(("frozen_ckpt_s3", W.train_zero, dict(stage=3, frozen=True, checkpointing=True)))
     jobs.append(("bf16_s2", W.train_zero, dict(stage=2, compute_dtype=torch.bfloat16, stop=3)))
     codes, _ = W.launch(2, jobs, str(out))
@@ -125,6 +126,7 @@ def test_stage3_single_process_and_bad_input(ref, ckpt1, tmp_path):
     assert_same(W.train_zero(3, export=tmp_path / "m"), ref)  # stage 3 with world size 1 is allowed (and works)
     exported = load_pretrained(tmp_path / "m").state_dict()
     assert max((exported[n] - p).abs().max().item() for n, p in ref["params"].items()) <= TOL
+    assert_same(W.train_zero(3, tied=False, stop=3), W.reference(tied=False, steps=3))  # untied, lm_head called
     model = W.make_model()
     with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
         dist.ZeroOptimizer(model, 4)
