@@ -114,7 +114,8 @@ class ZeroOptimizer:
                 seg.grad = b.grad[a - b.lo:e - b.lo]
                 seg_groups[g]["params"].append(seg)
                 self.segments.append((b, a, e, seg))
-        self.optimizer = torch.optim.AdamW(seg_groups, fused=True if offload else None)
+        fused = True if offload or self.device.type == "cuda" else None  # fused: one kernel for all segments
+        self.optimizer = torch.optim.AdamW(seg_groups, fused=fused)
         self.step_count, self._reduced, self._next, self._in_backward = 0, False, 0, False
         self._pending = collections.deque()
         self.peak = {"grads": 0, "params": 0}  # transient bytes seen during backward / stage 3 gathers
