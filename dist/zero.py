@@ -172,11 +172,16 @@ class ZeroOptimizer:
         if b.ready == len(b.params):
             if b.sharded:
                 zero3.free(b)  # no backward node needs these weights once all their gradients are in
-            while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
-                self._launch(self.buckets[self._next])  # strictly in bucket order, the same on every rank
+            self._launch_ready()
+
+    def _launch_ready(self):
+        """Reduce complete buckets strictly in bucket order, so every rank issues the same sequence."""
+        bs = self.buckets
+        while self._next < len(bs) and bs[self._next].ready == len(bs[self._next].params):
+            self._launch(bs[self._next])
 
     def _transient_grad_bytes(self) -> int:
-        live = {id(t): t.nbytes for b in self.buckets if b.grad_buf is not None for t in [b.grad_buf]}
+        live = {id(b.grad_buf): b.grad_buf.nbytes for b in self.buckets if b.grad_buf is not None}
         live.update({id(t): t.nbytes for _, buf, out, _ in self._pending for t in (buf, out)})
         return sum(live.values())
 
@@ -233,7 +238,8 @@ class ZeroOptimizer:
         """Catch the two silent misuses: loss.backward() instead of opt.backward() (buckets left unreduced, the
         next backward out of step), and stage 1 .grad views replaced (model.zero_grad(set_to_none=True))."""
         if self._next or self._pending or any(b.ready for b in self.buckets):
-            raise RuntimeError("ZeroOptimizer: gradients were not reduced: call opt.backward(loss), not loss.backward()")
+            raise RuntimeError("ZeroOptimizer: gradients were not reduced: "
+                               "call opt.backward(loss), not loss.backward()")
         for b in self.buckets:
             if b.flat_grad is not None and any(p.grad is None or p.grad.data_ptr() != v.data_ptr()
                                                for p, v in zip(b.params, b.views(b.flat_grad))):

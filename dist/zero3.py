@@ -8,8 +8,9 @@ re-gathered values when backward needs them.
   backward: hook on the module's output gradient -> all-gather again; when every parameter of the unit has
             reported its gradient (ZeroOptimizer._on_grad) -> free, since no backward node needs it any more.
 Tied embeddings (lm_head.weight is embed_tokens.weight) just make the embedding unit live from the embedding
-to the LM head. The final norm also gathers the LM head, for losses that use lm_head.weight directly. Trainable parameters outside these modules (e.g. prompt embeddings) form one unit that is
-never freed. Gradient checkpointing works: forward hooks do not free during backward (recomputation).
+to the LM head. The final norm also gathers the LM head, for losses that use lm_head.weight directly.
+Trainable parameters outside these modules (e.g. prompt embeddings) form one unit that is never freed.
+Gradient checkpointing works: forward hooks do not free during backward (recomputation).
 """
 import contextlib
 

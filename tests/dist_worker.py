@@ -81,7 +81,8 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
             for p in model.parameters():
                 p.add_(0.1)
     opt = dist.ZeroOptimizer(model, stage, weight_decay=WD, groups=groups(model), offload=offload,
-                             offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype, average_grads=not sum_grads,
+                             offload_threads=1, bucket_numel=bucket_numel, compute_dtype=compute_dtype,
+                             average_grads=not sum_grads,
                              **HYPER)
     if load:
         dist.load_checkpoint(opt, load)
