@@ -68,14 +68,17 @@ def _tokenise_spans(tok, text, spans):
 
 def encode_record(tok, kind: str, payload, seq_len: int, template=None, train_on_prompt=False) -> list[Example]:
     """One record -> examples. Chats longer than seq_len are truncated (keeping the start, flagged);
-    raw text gets BOS/EOS and is cut into consecutive seq_len chunks (nothing is lost, so not "truncated")."""
+    raw text gets BOS/EOS and is cut into seq_len chunks (nothing is lost, so not "truncated")."""
     if kind == "text":
         ids = tok.encode(payload, add_special_tokens=True)
         if tok.eos_id is not None:
             ids = ids + [tok.eos_id]
         ids = np.array(ids, dtype=np.int32)
+        # chunks overlap by one token: a chunk's first token is never a target (nothing predicts it), so starting
+        # each chunk on the previous chunk's last token makes every token after the first a target exactly once
+        step = max(1, seq_len - 1)
         return [Example(ids[i:i + seq_len], np.ones(len(ids[i:i + seq_len]), dtype=bool))
-                for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) > 1]
+                for i in range(0, max(1, len(ids) - 1), step)]
     text, spans = assistant_spans(tok, payload, template)
     ids, train = _tokenise_spans(tok, text, spans)
     if train_on_prompt:
