@@ -1,0 +1,146 @@
+"""nanotune's parameter-efficient fine-tuning: one file per method, HF PEFT's file format where one exists.
+
+    model = peft.apply(model, peft.LoraConfig(r=8, alpha=16, targets="all-linear"))
+    print(peft.trainable_summary(model))
+    ... train ...
+    peft.save_adapter(model, "out/adapter", base_model_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    model = peft.load_adapter(model.load_pretrained(base), "out/adapter")   # or PeftModel.from_pretrained
+    peft.merge(model)   # fold the update into the base weights (methods that allow it)
+
+Each method module has a config dataclass (`to_json()` / `from_json(d)`), `apply(model, cfg)`,
+`export_state(model)` / `import_state(model, sd, source)` and, where the method allows, `merge` / `unmerge` /
+`unload`. This file dispatches on the config's type with a plain isinstance chain.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import lora
+from .lora import LoraConfig
+# --- PEFT-B's methods (prefix.py, prompt.py, llama_adapter.py): the lead adds their imports here ---
+
+__all__ = ["LoraConfig", "apply", "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge",
+           "merge_and_unload", "unwrap", "config_from_json"]
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _method(cfg):
+    """The module that implements `cfg`'s method."""
+    if isinstance(cfg, LoraConfig):  # LoRA, rsLoRA and DoRA
+        return lora
+    # --- PEFT-B's methods: the lead adds `if isinstance(cfg, PrefixConfig): return prefix` etc. here ---
+    raise TypeError(f"not a PEFT config: {type(cfg).__name__}")
+
+
+def config_from_json(d: dict, source: str = CONFIG_FILE):
+    """adapter_config.json dict -> our config dataclass, by its peft_type."""
+    t = d.get("peft_type")
+    if t == "LORA":
+        return LoraConfig.from_json(d, source)
+    # --- PEFT-B's methods: the lead adds PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT here ---
+    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA)")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The base Transformer under any prompt-method wrapper (those hold it as `.base`)."""
+    while hasattr(model, "base") and isinstance(model.base, nn.Module):
+        model = model.base
+    return model
+
+
+def apply(model: nn.Module, cfg) -> nn.Module:
+    """Freeze the base, add the method's parameters, remember cfg as `model.peft_config`. Returns the model to
+    train (the same object for module-replacement methods, a wrapper for prompt methods)."""
+    if hasattr(model, "peft_config"):
+        raise ValueError(f"model already has a {type(model.peft_config).__name__} applied: one method per model")
+    model = _method(cfg).apply(model, cfg)
+    model.peft_config = cfg
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """Like PEFT's print_trainable_parameters (shared tensors, e.g. tied embeddings, counted once)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _config(model):
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None:
+        raise ValueError("model has no PEFT method applied (call peft.apply or peft.load_adapter first)")
+    return cfg
+
+
+def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> Path:
+    """Write adapter_config.json (full hyper-parameters + base model path) and adapter_model.safetensors.
+    Written to a temporary directory and renamed into place, so a crash never leaves a half-written adapter."""
+    cfg, path = _config(model), Path(path)
+    if base_model_path is not None:
+        cfg.base_model_name_or_path = str(base_model_path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
+    save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Read an adapter directory (ours or HF PEFT's), apply the method to `model`, load the weights."""
+    path = Path(path)
+    cfile, wfile = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfile.is_file():
+        raise ValueError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
+    try:
+        d = json.loads(cfile.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfile}: invalid JSON ({e})") from None
+    cfg = config_from_json(d, str(cfile))
+    if not wfile.is_file():
+        bin_ = " (only adapter_model.bin: pickle files are refused)" if (path / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
+    model = apply(model, cfg)
+    _method(cfg).import_state(model, load_file(str(wfile)), str(wfile))
+    return model
+
+
+def _merger(model, what: str):
+    m = _method(_config(model))
+    if not hasattr(m, what):
+        raise ValueError(f"{type(model.peft_config).__name__}: this method can't be merged into the base weights")
+    return getattr(m, what)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights in place (forward unchanged, no extra cost)."""
+    _merger(model, "merge")(model)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo merge: the base weights come back (to float rounding) and the adapter is separate again."""
+    _merger(model, "unmerge")(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then drop the wrappers: a plain Transformer that `model.save_pretrained` writes for transformers."""
+    _merger(model, "merge")(model)
+    _merger(model, "unload")(model)
+    del model.peft_config
+    return unwrap(model)

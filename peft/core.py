@@ -1,0 +1,117 @@
+"""Helpers shared by the module-replacement PEFT methods (LoRA, DoRA, IA3, BitFit, bottleneck adapters).
+
+A method swaps chosen linear modules for a wrapper that keeps the base `weight`/`bias` parameter names (so
+`<path>.q_proj.weight` stays the base checkpoint key) and lists the parameters it adds or trains in the
+module attribute `adapter_names`. Everything else here is built on that one convention:
+  adapter_parameters(model)  -> {"model.layers.0.self_attn.q_proj.lora_A.weight": Parameter, ...}
+  freeze(model)              -> only those parameters train
+  export_state / import_state -> the same tensors under HF PEFT's `base_model.model.` prefix
+"""
+import json
+import re
+
+import torch
+import torch.nn as nn
+
+PEFT_PREFIX = "base_model.model."  # HF PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
+
+
+def is_linear(m: nn.Module) -> bool:
+    # duck-typed so a quantized base linear (NF4) is a target too
+    return isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")
+                                        and not hasattr(m, "adapter_names"))
+
+
+def find_targets(model: nn.Module, targets, what: str = "targets") -> list[str]:
+    """Names of the linear modules selected by `targets`, with HF PEFT's matching rules:
+    a list of names matches a module whose full name equals one or ends with "." + it; a str is a regex that
+    must match the full name (re.fullmatch); "all-linear" is every linear except the output head (lm_head).
+    A listed name that matches nothing is a one-line error listing the names that exist."""
+    linears = [n for n, m in model.named_modules() if n and is_linear(m)]
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        out = [n for n in linears if n != "lm_head"]
+    elif isinstance(targets, str):
+        out = [n for n in linears if re.fullmatch(targets, n)]
+        if not out:
+            raise ValueError(f"{what}: regex {targets!r} matches no linear module (e.g. {linears[0]})")
+    else:
+        targets = list(targets)
+        available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        for t in targets:
+            if not any(n == t or n.endswith("." + t) for n in linears):
+                raise ValueError(f"{what}: no linear module named {t!r} (available: {', '.join(available)})")
+        out = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    return out
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter a PEFT method added or trains, by full name: modules declare them in `adapter_names`."""
+    out = {}
+    for mname, m in model.named_modules():
+        for n in getattr(m, "adapter_names", ()):
+            out[f"{mname}.{n}" if mname else n] = m.get_parameter(n)
+    return out
+
+
+def freeze(model: nn.Module):
+    """requires_grad only on the adapter parameters (the one place where the base is frozen)."""
+    trainable = {id(p) for p in adapter_parameters(model).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors with HF PEFT's keys: `base_model.model.<module path>.<param>`."""
+    return {PEFT_PREFIX + k: p.detach().contiguous() for k, p in adapter_parameters(model).items()}
+
+
+def import_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "adapter_model.safetensors"):
+    """Copy PEFT-keyed tensors into the adapter parameters; missing/unexpected keys or a shape mismatch are a
+    one-line ValueError naming the tensor."""
+    params = adapter_parameters(model)
+    expected = {PEFT_PREFIX + k for k in params}
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:4])}"
+                         + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:4])}"
+                         + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else "")
+                         + " (adapter saved for another config?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            t = sd[PEFT_PREFIX + k]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{source}: tensor {PEFT_PREFIX + k} has shape {tuple(t.shape)}, the model "
+                                 f"expects {tuple(p.shape)} (adapter saved for another base model?)")
+            p.copy_(t)
+
+
+def reject_unsupported(d: dict, keys, source: str):
+    """One-line error for a PEFT config field we don't implement, when it is set to a non-default value."""
+    for k in keys:
+        if d.get(k) not in (None, False, {}, [], "none"):
+            raise ValueError(f"{source}: {k}={json.dumps(d[k])} is not supported by nanotune")
+
+
+def read_targets(d: dict, key: str = "target_modules"):
+    t = d.get(key)
+    return sorted(t) if isinstance(t, (list, tuple, set)) else t
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "cfg", None), "model_type", "llama")
+
+
+def unload(model: nn.Module, cls: type):
+    """Replace every `cls` wrapper by a plain nn.Linear holding the same (merged) weight and bias Parameters."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, cls):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight, lin.bias = m.weight, m.bias
+            replace_module(model, name, lin)

@@ -1,0 +1,203 @@
+"""LoRA, rsLoRA and DoRA on linear layers, saved in HF PEFT's format.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a frozen W (out, in) gets a
+trainable low-rank update,
+    y = W x + b + s * B A dropout(x),   A: (r, in), B: (out, r),   s = alpha / r
+A starts kaiming-uniform (a = sqrt(5), PEFT's default; "gaussian": normal(0, 1/r)) and B at zero, so the model
+is unchanged at init. rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with
+LoRA") uses s = alpha / sqrt(r) so that the update's scale does not shrink as r grows.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the weight into a magnitude m (out,)
+and a direction:  W' = m * (W + s B A) / ||W + s B A||_row,  m initialised to ||W||_row (so W' = W at init).
+As in the paper (section 4.3) and PEFT, the norm is treated as a constant in backward (detached). PEFT computes
+  y = W x + b + (m/n - 1) * W x_d + (m/n) * s * B A x_d,   n = ||W + s B A||_row (detached), x_d = dropout(x)
+which equals m/n * (W + sBA) x + b without dropout; we use the same expression so training matches PEFT.
+
+Files (what `PeftModel.from_pretrained` reads): `base_model.model.<path>.lora_A.weight` (r, in),
+`.lora_B.weight` (out, r), DoRA's `.lora_magnitude_vector` (out,).
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import core
+from .core import export_state, import_state  # noqa: F401  (the package's save/load use these)
+
+# PEFT LoraConfig fields that change the computation and that we don't implement: refuse them on load
+UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+               "modules_to_save", "lora_bias", "use_qalora", "layer_replication", "exclude_modules",
+               "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_bdlora")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names | regex | "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    init: str = "default"                      # "default" (kaiming-uniform A) | "gaussian" (normal(0, 1/r) A)
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("default", "gaussian"):
+            raise ValueError(f"LoraConfig.init must be 'default' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    def to_json(self) -> dict:
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": self.targets, "use_rslora": self.rslora,
+                "use_dora": self.dora, "init_lora_weights": True if self.init == "default" else self.init,
+                "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+                "base_model_name_or_path": self.base_model_name_or_path}
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "adapter_config.json") -> "LoraConfig":
+        core.reject_unsupported(d, UNSUPPORTED, source)
+        init = d.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):  # pissa/olora/loftq/... rewrite the base weights
+            raise ValueError(f"{source}: init_lora_weights={init!r} is not supported by nanotune")
+        return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
+                   targets=core.read_targets(d), rslora=bool(d.get("use_rslora")), dora=bool(d.get("use_dora")),
+                   init="gaussian" if init == "gaussian" else "default",
+                   base_model_name_or_path=d.get("base_model_name_or_path"))
+
+
+class LoraLinear(nn.Module):
+    """y = base_forward(x) + s * B A dropout(x). Keeps the base `weight`/`bias` Parameters under their names."""
+    adapter_names = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, cfg: LoraConfig):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
+        # LoRA weights stay fp32 over a bf16/fp16/quantized base (PEFT's autocast_adapter_dtype)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        kw = dict(bias=False, device=weight.device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, cfg.r, **kw)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, **kw)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling = cfg.scaling
+        self.merged = False
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
+        else:  # nn.Linear's own init, as in Microsoft's loralib and PEFT
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cfg: LoraConfig) -> "LoraLinear":
+        return cls(module.weight, module.bias, cfg)
+
+    def base_forward(self, x):
+        """The frozen layer: overridden by QLoRA for an NF4 base."""
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W as a dense tensor (out, in): overridden by QLoRA to dequantize."""
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+
+    def forward(self, x):
+        result = self.base_forward(x)
+        if self.merged:
+            return result
+        x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return result + (self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
+
+    def merge(self):
+        if not self.merged:
+            with torch.no_grad():
+                self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            with torch.no_grad():
+                self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+
+class DoraLinear(LoraLinear):
+    """LoRA plus a trainable magnitude per output row (see the module docstring for the equation)."""
+    adapter_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+    def __init__(self, weight, bias, cfg: LoraConfig):
+        super().__init__(weight, bias, cfg)
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(self.lora_A.weight.dtype))  # (out,)
+        self.merged_norm = None
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row (out,), the DoRA denominator, never differentiated."""
+        w = self.dense_weight().to(self.lora_A.weight.dtype)
+        return torch.linalg.norm(w + self.delta_weight().detach(), dim=1).detach()
+
+    def forward(self, x):
+        result = self.base_forward(x)
+        if self.merged:
+            return result
+        scale = (self.lora_magnitude_vector / self.weight_norm()).view(1, -1)  # (1, out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            w_x = result if self.bias is None else result - self.bias      # W x, reused from the base pass
+        else:  # with dropout PEFT recomputes W x_d on the dropped input
+            x = self.lora_dropout(x)
+            w_x = F.linear(x, self.dense_weight().to(x.dtype))
+        x = x.to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(x))
+        return result + ((scale - 1) * w_x + scale * lora * self.scaling).to(result.dtype)
+
+    def merge(self):
+        if not self.merged:
+            with torch.no_grad():
+                self.merged_norm = self.weight_norm()  # kept: unmerge needs the norm of the unmerged weight
+                factor = (self.lora_magnitude_vector / self.merged_norm).view(-1, 1)
+                self.weight.copy_((factor * (self.weight + self.delta_weight())).to(self.weight.dtype))
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            with torch.no_grad():
+                factor = (self.lora_magnitude_vector / self.merged_norm).view(-1, 1)
+                self.weight.copy_((self.weight / factor - self.delta_weight()).to(self.weight.dtype))
+            self.merged, self.merged_norm = False, None
+
+
+def apply(model: nn.Module, cfg: LoraConfig, cls: type | None = None) -> nn.Module:
+    """Swap each target linear for a LoraLinear (DoraLinear if cfg.dora; or `cls`, e.g. QLoRA's), freeze the rest."""
+    cls = cls or (DoraLinear if cfg.dora else LoraLinear)
+    for name in core.find_targets(model, cfg.targets, "LoraConfig.targets"):
+        core.replace_module(model, name, cls.from_module(model.get_submodule(name), cfg))
+    core.freeze(model)
+    return model
+
+
+def merge(model: nn.Module):
+    """W <- W + s B A (DoRA: W <- m * (W + s B A) / ||W + s B A||) in every wrapper; forward then skips the branch."""
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m.merge()
+
+
+def unmerge(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            m.unmerge()
+
+
+def unload(model: nn.Module):
+    """After merge: back to plain nn.Linear modules (what save_pretrained should write)."""
+    core.unload(model, LoraLinear)
