@@ -421,9 +421,8 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
         return out / "model"
     import peft
     peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
-    if cfg.merge:
-        peft.merge(model)
-        M.save_pretrained(unwrap(model).float(), out / "model")
+    if cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers, write an HF model
+        M.save_pretrained(peft.merge_and_unload(model.float()), out / "model")
         tok.save(out / "model")
     return out / "adapter"
 
