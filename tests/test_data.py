@@ -1,5 +1,6 @@
 """data/: formats, validation errors (file:line), chat-template masking vs transformers, packing, collation."""
 import json
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,14 @@ MULTI_TURN = {"conversations": [
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5",
           "history": [["Hi", "Hello!"]]}
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
@@ -144,7 +153,8 @@ def test_malformed_record_exit_code_no_traceback(tiny_model_dir, tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(BAD_CASES["unknown_role"][0])
     r = subprocess.run([sys.executable, "train.py", "--model", str(tiny_model_dir), "--data", str(f),
-                        "--out", str(tmp_path / "out"), "--method", "full"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "out"), "--method", "full"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {f}:3: messages[0]: unknown role 'robot' "
                                              f"(expected one of system, user, assistant)"]

@@ -21,6 +21,14 @@ COMMON = ["--batch-size", "4", "--seq-len", "256", "--lr", "1e-3", "--weight-dec
           "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", "3"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
@@ -53,7 +61,8 @@ def run_script(argv, patch="", torchrun=0, check=True):
         script.write_text(code)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
                "--master_port", "29731", str(script)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
     return r
@@ -84,6 +93,7 @@ def test_loss_parity_with_hf_full_and_lora(setup):
     init = train.build_model(cfg, torch.device("cpu"))
     peft.save_adapter(init, d / "lora-init")
     ref = run_reference(f"""
+        torch.set_num_threads(1)
         from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
         from peft import PeftModel
         x = load_file("in.safetensors")
