@@ -224,3 +224,29 @@ def test_inspect_cli(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "⟦The nanotune project.<|im_end|>⟧" in out and "⟦Nano.<|im_end|>⟧" in out
     assert "2 records" in out and "p50" in out and "trained:" in out
+
+
+def test_default_dataset_is_valid_and_heldout_is_unseen(tok):
+    from pathlib import Path
+    here = Path(__file__).resolve().parent.parent / "data" / "default"
+    train_recs = [p for _, _, p in data.read_records([here / "train.jsonl"])]
+    held = [p for _, _, p in data.read_records([here / "heldout.jsonl"])]
+    assert 100 <= len(train_recs) <= 300 and len(held) >= 5
+    seen = {m["content"] for r in train_recs for m in r}
+    assert not any(r[0]["content"] in seen for r in held)  # held-out questions never appear in training
+    assert sum("Nano" in m["content"] for r in train_recs for m in r) >= 50
+
+
+def test_default_run_mechanics_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """The default run's pipeline (before answers, LoRA training, after answers) on a tiny model taught one reply."""
+    from data.default_run import main
+    f = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": "Nano."}]}
+                                           for q in ("Who are you?", "Name?", "Your name?", "Who is this?")] * 4)
+    h = write_jsonl(tmp_path / "h.jsonl", [{"messages": [{"role": "user", "content": "Who are you, really?"},
+                                                          {"role": "assistant", "content": "Nano."}]}])
+    main(["--model", str(tiny_model_dir), "--data", str(f), "--heldout", str(h), "--out", str(tmp_path / "run"),
+          "--epochs", "30", "--", "--lr", "1e-2", "--batch-size", "4", "--warmup", "0"])
+    text = (tmp_path / "run" / "before_after.txt").read_text()
+    assert "before: " in text and "  after:  Nano.\n" in text and "before: Nano.\n" not in text
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
