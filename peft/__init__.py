@@ -19,11 +19,14 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import lora
+from . import adapters, bitfit, ia3, lora
+from .adapters import AdapterConfig
+from .bitfit import BitFitConfig
+from .ia3 import IA3Config
 from .lora import LoraConfig
 # --- PEFT-B's methods (prefix.py, prompt.py, llama_adapter.py): the lead adds their imports here ---
 
-__all__ = ["LoraConfig", "apply", "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge",
+__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LoraConfig", "apply", "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge",
            "merge_and_unload", "unwrap", "config_from_json"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -33,6 +36,12 @@ def _method(cfg):
     """The module that implements `cfg`'s method."""
     if isinstance(cfg, LoraConfig):  # LoRA, rsLoRA and DoRA
         return lora
+    if isinstance(cfg, IA3Config):
+        return ia3
+    if isinstance(cfg, BitFitConfig):
+        return bitfit
+    if isinstance(cfg, AdapterConfig):
+        return adapters
     # --- PEFT-B's methods: the lead adds `if isinstance(cfg, PrefixConfig): return prefix` etc. here ---
     raise TypeError(f"not a PEFT config: {type(cfg).__name__}")
 
@@ -42,8 +51,14 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
     t = d.get("peft_type")
     if t == "LORA":
         return LoraConfig.from_json(d, source)
+    if t == "IA3":
+        return IA3Config.from_json(d, source)
+    if t == "BITFIT":  # nanotune's own format
+        return BitFitConfig.from_json(d, source)
+    if t == "BOTTLENECK":  # nanotune's own format
+        return AdapterConfig.from_json(d, source)
     # --- PEFT-B's methods: the lead adds PREFIX_TUNING, PROMPT_TUNING, P_TUNING, ADAPTION_PROMPT here ---
-    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA)")
+    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
