@@ -73,6 +73,12 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"      # comma-separated module names, a regex, or all-linear
     lora_rslora: bool = False
+    # IA3 (Liu et al. 2022), BitFit (Ben Zaken et al. 2022), bottleneck adapters (Houlsby 2019 / Pfeiffer 2020)
+    ia3_targets: str = ""                 # "": PEFT's default for the model type
+    ia3_feedforward: str = ""             # "": down_proj
+    bitfit_targets: str = ""              # linears that get a new zero bias; "": only existing biases
+    adapter_kind: str = "houlsby"         # houlsby | pfeiffer
+    adapter_reduction: int = 16           # bottleneck width = hidden / reduction
     config: str = field(default="", metadata={"help": "TOML file setting any of these keys"})
 
 
@@ -114,18 +120,29 @@ def build_model(cfg: TrainConfig, device):
         return base
     import peft  # imported here: full fine-tuning needs no peft/
     if cfg.method in ("lora", "dora"):
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" or "," not in cfg.lora_targets and \
-            any(c in cfg.lora_targets for c in "^$.*+?[]()|\\") else cfg.lora_targets.split(",")
-        pcfg = peft.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
-                               rslora=cfg.lora_rslora, dora=cfg.method == "dora")
+        pcfg = peft.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               targets=_targets(cfg.lora_targets), rslora=cfg.lora_rslora, dora=cfg.method == "dora")
+    elif cfg.method == "ia3":
+        pcfg = peft.IA3Config(targets=_targets(cfg.ia3_targets), feedforward=_targets(cfg.ia3_feedforward))
+    elif cfg.method == "bitfit":
+        pcfg = peft.BitFitConfig(targets=_targets(cfg.bitfit_targets))
+    elif cfg.method == "adapter":
+        pcfg = peft.AdapterConfig(kind=cfg.adapter_kind, reduction_factor=cfg.adapter_reduction)
     else:
         sys.exit(f"error: --method {cfg.method} is not wired into train.py yet")
     model = peft.apply(base, pcfg)
-    if cfg.precision == "bf16":  # frozen base matrices stored in bf16: no per-step weight casts under autocast
+    if cfg.precision == "bf16" and cfg.method in ("lora", "dora"):  # frozen base matrices stored in bf16: no per-step weight casts under autocast
         for name, p in model.named_parameters():
             if not p.requires_grad and p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
                 p.data = p.data.to(torch.bfloat16)
     return model
+
+
+def _targets(s: str):
+    """--*-targets: "" -> None (the method's default), "all-linear", a regex, or comma-separated module names."""
+    if not s or s == "all-linear" or ("," not in s and any(c in s for c in "^$.*+?[]()|\\")):
+        return s or None
+    return s.split(",")
 
 
 def unwrap(model) -> M.Transformer:
@@ -422,8 +439,11 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
     import peft
     peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
     if cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers, write an HF model
-        M.save_pretrained(peft.merge_and_unload(model.float()), out / "model")
-        tok.save(out / "model")
+        try:
+            M.save_pretrained(peft.merge_and_unload(model.float()), out / "model")
+            tok.save(out / "model")
+        except ValueError as e:  # a method that can't be merged (bottleneck adapters, prompt methods)
+            print(f"warning: --merge: {e}; only the adapter was saved", file=sys.stderr)
     return out / "adapter"
 
 
