@@ -1,0 +1,173 @@
+"""train.py's LoRA step vs HF transformers + PEFT: tokens/s, peak RSS and model FLOP utilisation (MFU).
+
+    python bench/bench_train.py [--steps 3] [--warmup 1] [--precisions fp32,bf16] [--model DIR]
+
+SmolLM2-135M-Instruct, CPU, LoRA r8 alpha16 on all linear layers, B8 x T128, the same token batches for both:
+  packed text:        every position is a target (continued pre-training rows)
+  prompt-masked SFT:  the first half of each row is label -100 (the prompt)
+Each (implementation, workload, precision) runs in its own process (clean peak RSS; HF's `peft` is imported
+outside the repo, where ours does not shadow it). Step time is the median over --steps after --warmup steps.
+MFU = 4 * N_params * tokens / step_time / matmul_peak (LoRA training ~ forward 2N + input-gradient backward 2N;
+Kaplan et al. 2020 / FACTS.md), with the matmul peak measured in the same run.
+bf16 rows are skipped on CPUs without bf16 matrix hardware (AMX / AVX512-BF16), where bf16 runs ~50x slower.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+B, T, R, ALPHA = 8, 128, 8, 16
+REPO = Path(__file__).resolve().parent.parent
+
+
+def batch(workload: str, vocab: int):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    if workload == "sft":
+        labels[:, :T // 2] = -100
+    return ids, labels
+
+
+def worker_ours(model_dir, workload, precision, steps, warmup):
+    import torch
+    sys.path.insert(0, str(REPO))
+    import train
+    cfg = train.TrainConfig(model=model_dir, data="-", method="lora", lora_r=R, lora_alpha=ALPHA,
+                            lora_targets="all-linear", precision=precision, lr=1e-4, max_grad_norm=1.0)
+    device = torch.device("cpu")
+    model = train.build_model(cfg, device)
+    model.train()
+    opt = train.make_optimizer(model, cfg, device)
+    sched = train.make_scheduler(opt, cfg, 1000)
+    ids, labels = batch(workload, model.cfg.vocab_size)
+    mb = [{"input_ids": ids, "labels": labels, "attention_mask": None, "position_ids": None}]
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        train.train_step(model, mb, opt, sched, cfg, device)
+        times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
+def worker_hf(model_dir, workload, precision, steps, warmup):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = batch(workload, model.config.vocab_size)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times[warmup:]
+
+
+def matmul_peak(dtype_name: str, n: int = 1024, reps: int = 10) -> float:
+    import torch
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 * reps / best / 1e9  # GFLOP/s
+
+
+def fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def run_worker(impl, model_dir, workload, precision, steps, warmup) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["--worker", impl, "--model", model_dir, "--workload", workload, "--precision", precision,
+            "--steps", str(steps), "--warmup", str(warmup)]
+    with tempfile.TemporaryDirectory() as cwd:  # outside the repo: HF's peft, not ours
+        r = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), *args], cwd=cwd, env=env,
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{impl} {workload} {precision} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--workloads", default="packed,sft")
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--workload", default=None)
+    ap.add_argument("--precision", default=None)
+    a = ap.parse_args()
+    if a.worker:
+        import torch
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
+        fn = worker_ours if a.worker == "ours" else worker_hf
+        times = fn(a.model, a.workload, a.precision, a.steps, a.warmup)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_rss_gb": rss}))
+        return
+    sys.path.insert(0, str(REPO))
+    import torch
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
+    if a.model is None:
+        from model.gguf import default_model
+        a.model = str(default_model())
+    import model as M
+    n_params = sum(p.numel() for p in M.load_pretrained(a.model).parameters())
+    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16") if fast_bf16() else None}
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "?")
+    print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; matmul peak fp32 "
+          f"{peaks['fp32']:.0f} GFLOP/s, bf16 " + (f"{peaks['bf16']:.0f} GFLOP/s" if peaks["bf16"] else
+                                                   "n/a (no AMX/AVX512-BF16)"), flush=True)
+    print(f"model {a.model} ({n_params / 1e6:.1f}M params), LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
+          f"median of {a.steps} steps after {a.warmup} warmup\n")
+    print("| workload | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workload in a.workloads.split(","):
+        for precision in a.precisions.split(","):
+            if peaks.get(precision) is None:
+                print(f"| {workload} | {precision} | both | skipped: no bf16 matrix hardware | | | | |", flush=True)
+                continue
+            res = {impl: run_worker(impl, a.model, workload, precision, a.steps, a.warmup) for impl in ("hf", "ours")}
+            for impl in ("hf", "ours"):
+                r = res[impl]
+                tps = B * T / r["step_s"]
+                mfu = 4 * n_params * tps / (peaks[precision] * 1e9)
+                speed = tps / (B * T / res["hf"]["step_s"])
+                ratio = r["peak_rss_gb"] / res["hf"]["peak_rss_gb"]
+                name = "HF+PEFT" if impl == "hf" else "nanotune"
+                print(f"| {workload} | {precision} | {name} | {tps:.0f} | {speed:.2f}x | {r['peak_rss_gb']:.2f} | "
+                      f"{ratio:.2f} | {100 * mfu:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

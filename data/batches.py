@@ -1,0 +1,106 @@
+"""Datasets of tokenised examples, packing, the batch order, and collation into model inputs.
+
+Labels follow the HF convention (labels[t] = ids[t] or -100; the loss shifts them by one). Packing puts several
+examples in one row with position_ids restarting at 0 for each and a block-diagonal causal mask, so attention
+never crosses an example boundary; the first token of each packed example is never a target (it would be
+predicted from the previous example), exactly as it is not in an unpacked row.
+"""
+import random
+
+import numpy as np
+import torch
+
+from .encode import Example, encode_record
+from .records import read_records
+
+
+def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False):
+    """Read, validate and tokenise every record. Returns (examples, stats)."""
+    stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0}
+    examples = []
+    for where, kind, payload in read_records(paths, skip_bad, stats):
+        stats["records"] += 1
+        try:
+            exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt)
+        except Exception as e:  # template errors (raise_exception in Jinja, ...) name the record too
+            from .records import DataError
+            raise DataError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        for ex in exs:
+            stats["truncated"] += ex.truncated
+            if ex.train[1:].any():  # position 0 is never predicted
+                examples.append(ex)
+            else:
+                stats["no_target"] += 1
+    stats["examples"] = len(examples)
+    stats["tokens"] = int(sum(len(e.ids) for e in examples))
+    stats["trained_tokens"] = int(sum(e.train[1:].sum() for e in examples))
+    return examples, stats
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Greedy first-fit in order: concatenate examples into rows of at most seq_len tokens."""
+    rows, cur = [], []
+
+    def flush():
+        if cur:
+            rows.append(Example(np.concatenate([e.ids for e in cur]),
+                                np.concatenate([np.r_[False, e.train[1:]] for e in cur]),
+                                seg=np.concatenate([np.full(len(e.ids), i, np.int32) for i, e in enumerate(cur)])))
+    for e in examples:
+        if sum(len(c.ids) for c in cur) + len(e.ids) > seq_len:
+            flush()
+            cur = []
+        cur.append(e)
+    flush()
+    return rows
+
+
+def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
+    """The global batches of one epoch (lists of example indices), a pure function of (seed, epoch).
+    Length bucketing: sort each window of 50 batches by length so a batch pads little, then shuffle the batches."""
+    rng = random.Random(seed * 1000003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if bucket:
+        win = 50 * global_batch
+        idx = [i for w in range(0, len(idx), win) for i in sorted(idx[w:w + win], key=lambda i: lengths[i])]
+    batches = [idx[i:i + global_batch] for i in range(0, len(idx), global_batch)]
+    batches = [b for b in batches if len(b) == global_batch] or batches[:1]  # drop a ragged last batch
+    if bucket:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """-> input_ids (B, T), labels (B, T) with -100, position_ids (B, T) or None, attention_mask: None (no padding),
+    (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows."""
+    T = max(len(e.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n] = torch.from_numpy(e.ids.astype(np.int64))
+        labels[b, :n] = torch.where(torch.from_numpy(e.train), ids[b, :n], -100)
+        valid[b, :n] = True
+    out = {"input_ids": ids, "labels": labels, "position_ids": None,
+           "attention_mask": None if valid.all() else valid.long()}
+    if examples[0].seg is not None:
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        for b, e in enumerate(examples):
+            s = torch.from_numpy(e.seg.astype(np.int64))
+            seg[b, :len(s)] = s
+            starts = torch.searchsorted(s, s, right=False)  # index of the first token of each token's example
+            pos[b, :len(s)] = torch.arange(len(s)) - starts
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        out["attention_mask"] = (same & causal)[:, None]  # (B, 1, T, T)
+        out["position_ids"] = pos
+    return out
+
+
+def count_targets(batch) -> int:
+    """Number of predicted tokens in a batch (labels after the shift)."""
+    return int((batch["labels"][:, 1:] != -100).sum())

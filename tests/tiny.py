@@ -1,0 +1,80 @@
+"""Tiny self-contained fixtures for the data/train tests: a character-level tokenizer that transformers can load
+(ChatML special tokens, pad != eos, SmolLM2's chat template with its default system prompt) and tiny random
+llama checkpoints written by our own save_pretrained (no download, no subprocess)."""
+import json
+from pathlib import Path
+
+import torch
+
+import model as M
+
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0..3: pad 0, bos 1, eos 2 (tiny_hf_config)
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)]           # ids 4..99
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny helper.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tokenizer(path) -> Path:
+    """A char-level BPE (no merges) tokenizer.json + tokenizer_config.json in `path`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+           "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
+           "chat_template": CHATML_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def tiny_config(**over) -> dict:
+    d = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
+         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+         "architectures": ["LlamaForCausalLM"]}
+    d.update(over)
+    return d
+
+
+def make_model(path, seed: int = 0, **over) -> Path:
+    """A tiny random llama HF directory (config.json + model.safetensors + the char tokenizer)."""
+    path = Path(path)
+    model = M.Transformer(M.ModelConfig.from_hf(tiny_config(**over)))
+    model.init_weights(0.1, seed)
+    M.save_pretrained(model, path)
+    make_tokenizer(path)
+    return path
+
+
+def write_jsonl(path, records) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """n sharegpt/alpaca/messages records of varied (uneven) lengths."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "nano", "tune", "cat", "dog", "sun", "moon"]
+
+    def sent(k):
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=g))
+    out = []
+    for i in range(n):
+        q, a = sent(2 + i % 5), sent(1 + (3 * i) % 7)
+        if i % 3 == 0:
+            out.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        elif i % 3 == 1:
+            out.append({"instruction": q, "input": sent(1) if i % 2 else "", "output": a})
+        else:
+            out.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                                     {"role": "assistant", "content": a}]})
+    return out

@@ -1,0 +1,598 @@
+"""nanotune's fine-tuning script: one file, read top to bottom. Single process or `torchrun` data-parallel.
+
+    python train.py --model DIR|FILE.gguf --data FILE[,FILE...] --method full|lora|dora --out DIR [flags]
+
+Loss: the mean cross-entropy over ALL trained tokens of the global batch (every micro-batch of every rank), not a
+mean of per-batch means: each micro-batch backpropagates sum(token losses) / N_global, where N_global (the global
+count of label tokens) is all-reduced before the forward passes; data-parallel ranks then SUM their gradients.
+Logits are computed only at trained positions, in chunks, with the cross-entropy gradient formed on the fly
+(`ChunkedCE`), so no (tokens x vocab) fp32 tensor is ever kept.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import data
+import model as M
+
+METHODS = ("full", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3",
+           "llama_adapter")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""                       # HF model directory or .gguf file
+    data: str = ""                        # training file(s), comma-separated
+    out: str = "runs/train"
+    method: str = "lora"
+    max_steps: int = 0                    # optimizer steps; 0: use --epochs
+    epochs: float = 1.0
+    batch_size: int = 4                   # micro-batch per rank
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 0                       # warmup steps (linear from 0)
+    schedule: str = "cosine"              # cosine | linear | constant (after warmup)
+    max_grad_norm: float = 1.0            # 0: no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    seed: int = 0
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; weights stay fp32)
+    grad_checkpointing: bool = False
+    pack: bool = False
+    eval_data: str = ""
+    eval_split: float = 0.0
+    eval_every: int = 0
+    eval_samples: int = 2                 # greedy generations printed at each eval
+    save_every: int = 0
+    keep: int = 2
+    resume: bool = False
+    merge: bool = False
+    train_on_prompt: bool = False
+    template: str = ""                    # built-in chat template (chatml, llama3, llama2, alpaca); "": the model's
+    skip_bad_records: bool = False
+    log_every: int = 1
+    # LoRA / DoRA (Hu et al. 2021; Liu et al. 2024)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"      # comma-separated module names, a regex, or all-linear
+    lora_rslora: bool = False
+    # IA3 (Liu et al. 2022), BitFit (Ben Zaken et al. 2022), bottleneck adapters (Houlsby 2019 / Pfeiffer 2020)
+    ia3_targets: str = ""                 # "": PEFT's default for the model type
+    ia3_feedforward: str = ""             # "": down_proj
+    bitfit_targets: str = ""              # linears that get a new zero bias; "": only existing biases
+    adapter_kind: str = "houlsby"         # houlsby | pfeiffer
+    adapter_reduction: int = 16           # bottleneck width = hidden / reduction
+    config: str = field(default="", metadata={"help": "TOML file setting any of these keys"})
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or isinstance(f.default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=None)
+    a = vars(ap.parse_args(argv))
+    cfg = TrainConfig()
+    if a["config"]:  # TOML first, then explicit flags win
+        toml = tomllib.loads(Path(a["config"]).read_text())
+        for k, v in toml.items():
+            k = k.replace("-", "_")
+            if not hasattr(cfg, k):
+                sys.exit(f"error: {a['config']}: unknown key {k!r}")
+            setattr(cfg, k, v)
+    for k, v in a.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    for k, v in (("method", METHODS), ("schedule", ("cosine", "linear", "constant")),
+                 ("precision", ("fp32", "bf16", "fp16"))):
+        if getattr(cfg, k) not in v:
+            sys.exit(f"error: --{k} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
+    if not cfg.model or not cfg.data:
+        sys.exit("error: --model and --data are required")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- model + method
+def build_model(cfg: TrainConfig, device):
+    """Load the base, attach the PEFT method (the one block that knows about methods), freeze what is frozen."""
+    base = M.load_pretrained(cfg.model, dtype=torch.float32, device=device)
+    base.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.method == "full":
+        return base
+    import peft  # imported here: full fine-tuning needs no peft/
+    if cfg.method in ("lora", "dora"):
+        pcfg = peft.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               targets=_targets(cfg.lora_targets), rslora=cfg.lora_rslora, dora=cfg.method == "dora")
+    elif cfg.method == "ia3":
+        pcfg = peft.IA3Config(targets=_targets(cfg.ia3_targets), feedforward=_targets(cfg.ia3_feedforward))
+    elif cfg.method == "bitfit":
+        pcfg = peft.BitFitConfig(targets=_targets(cfg.bitfit_targets))
+    elif cfg.method == "adapter":
+        pcfg = peft.AdapterConfig(kind=cfg.adapter_kind, reduction_factor=cfg.adapter_reduction)
+    else:
+        sys.exit(f"error: --method {cfg.method} is not wired into train.py yet")
+    model = peft.apply(base, pcfg)
+    if cfg.precision == "bf16" and cfg.method in ("lora", "dora"):  # frozen base matrices stored in bf16: no per-step weight casts under autocast
+        for name, p in model.named_parameters():
+            if not p.requires_grad and p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def _targets(s: str):
+    """--*-targets: "" -> None (the method's default), "all-linear", a regex, or comma-separated module names."""
+    if not s or s == "all-linear" or ("," not in s and any(c in s for c in "^$.*+?[]()|\\")):
+        return s or None
+    return s.split(",")
+
+
+def unwrap(model) -> M.Transformer:
+    return model if isinstance(model, M.Transformer) else __import__("peft").unwrap(model)
+
+
+def trainable(model) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+class ChunkedCE(torch.autograd.Function):
+    """sum_i CE(W h_i, y_i) over N selected positions, in chunks. The gradient of each chunk,
+    dL/dlogits = softmax(logits) - onehot(y), is turned into dL/dh (and dL/dW) right away, so only (N, D) and
+    (V, D) tensors are kept for backward, never (N, V) logits. Matmuls run in `dtype` (the autocast dtype)."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            wc = w.to(dtype)
+            gh = torch.empty_like(h)                                   # (N, D)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, h.shape[0], chunk):
+                hc, yc = h[i:i + chunk].to(dtype), y[i:i + chunk]
+                logits = (hc @ wc.T).float()                            # (n, V)
+                lse = torch.logsumexp(logits, -1)                       # (n,)
+                loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                g = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+                g = g.to(dtype)
+                gh[i:i + chunk] = (g @ wc).to(h.dtype)
+                if gw is not None:
+                    gw += (g.T @ hc).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        return gh * grad_out, None if gw is None else (gw * grad_out).to(ctx.w_dtype), None, None, None
+
+
+def loss_sum(model, batch, device, chunk: int = 1024):
+    """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar)."""
+    labels = batch["labels"].to(device)
+    hidden = model(batch["input_ids"].to(device), attention_mask=_to(batch["attention_mask"], device),
+                   position_ids=_to(batch["position_ids"], device), hidden_only=True)   # (B, T, D)
+    sel = labels[:, 1:] != -100                                                          # (B, T-1)
+    h, y = hidden[:, :-1][sel], labels[:, 1:][sel]                                       # (N, D), (N,)
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None:
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        return ChunkedCE.apply(h, head.weight, y, chunk, dtype)
+    total = 0.0  # a wrapped lm_head (e.g. LoRA on lm_head): plain chunks
+    for i in range(0, h.shape[0], chunk):
+        total = total + nn.functional.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")
+    return total
+
+
+def _to(x, device):
+    return None if x is None else x.to(device)
+
+
+# ------------------------------------------------------------------------------------------ distributed helpers
+def all_sum(x: float | int, device) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def sync_grads(params: list[nn.Parameter]):
+    """Plain data parallelism: SUM the (already 1/N_global-weighted) gradients of all ranks, one flat buffer."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    assert flat.is_contiguous()  # gloo returns wrong data for non-contiguous views
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(p.dtype)
+        offset += g.numel()
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, scaler=None) -> dict:
+    """One optimizer step over this rank's micro-batches. The same function for 1 or N processes."""
+    params = list(trainable(model).values())
+    n_global = all_sum(sum(data.count_targets(b) for b in micro_batches), device)
+    total = 0.0
+    for b in micro_batches:
+        with autocast(cfg, device):
+            s = loss_sum(model, b, device)
+        loss = s / max(n_global, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += s.item()
+    sync_grads(params)
+    loss = all_sum(total, device) / max(n_global, 1)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "finite": False}
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "finite": True, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
+
+
+def autocast(cfg: TrainConfig, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    params = list(trainable(model).values())
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms, biases, vectors
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps, fused=fused)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup from 0, then cosine / linear decay to 0 or constant (HF's get_*_schedule_with_warmup)."""
+    def factor(step):
+        if step < cfg.warmup:
+            return step / max(1, cfg.warmup)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------- data
+def load_data(cfg: TrainConfig, tok, rank: int):
+    """Train / eval examples (validated, tokenised, optionally packed). DataError ends the run in main()."""
+    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, train_on_prompt=cfg.train_on_prompt,
+              skip_bad=cfg.skip_bad_records)
+    train, st = data.load_examples(tok, cfg.data.split(","), **kw)
+    ev, est = (data.load_examples(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
+    if cfg.eval_split and not cfg.eval_data:
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        n = max(1, int(len(train) * cfg.eval_split))
+        ev, train = [train[i] for i in order[:n]], [train[i] for i in sorted(order[n:])]
+    if rank == 0:
+        print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
+              f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
+              f"dropped" + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
+                            if cfg.skip_bad_records else ""), flush=True)
+    if cfg.pack:
+        train, ev = data.pack(train, cfg.seq_len), data.pack(ev, cfg.seq_len)
+    if not train:
+        raise data.DataError(f"{cfg.data}: no usable training examples")
+    return train, ev, st
+
+
+def micro_batches(examples, cfg: TrainConfig, step: int, rank: int, world: int, pad_id: int):
+    """This rank's micro-batches for optimizer step `step` (0-based): a pure function of (seed, step), which is
+    what makes resume exact. Global batch = batch_size x grad_accum x world; micro-batch j of rank r holds
+    examples [(j * world + r) * B, ...) of it."""
+    B, G = cfg.batch_size, cfg.batch_size * cfg.grad_accum * world
+    per_epoch = steps_per_epoch(examples, cfg, world)
+    epoch, i = divmod(step, per_epoch)
+    batch = data.batch_order([len(e.ids) for e in examples], G, cfg.seed, epoch, bucket=not cfg.pack)[i]
+    out = []
+    for j in range(cfg.grad_accum):
+        part = batch[(j * world + rank) * B:(j * world + rank + 1) * B]
+        if part:
+            out.append(data.collate([examples[k] for k in part], pad_id))
+    return out
+
+
+def steps_per_epoch(examples, cfg: TrainConfig, world: int) -> int:
+    return max(1, len(examples) // (cfg.batch_size * cfg.grad_accum * world))
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg: TrainConfig, device, pad_id) -> float:
+    """Token-weighted mean loss over the whole eval set."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), cfg.batch_size):
+        b = data.collate(examples[i:i + cfg.batch_size], pad_id)
+        with autocast(cfg, device):
+            total += float(loss_sum(model, b, device))
+        n += data.count_targets(b)
+    model.train()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def generate(model, tok, messages, device, max_new: int = 48, template=None, cfg: TrainConfig | None = None) -> str:
+    """Greedy answer to a conversation (everything up to its last assistant turn), with a KV cache."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, template=template)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=device)
+    was_training = model.training
+    model.eval()
+    cache, out = M.KVCache(unwrap(model).cfg.num_hidden_layers), []
+    with autocast(cfg or TrainConfig(), device):
+        for _ in range(max_new):
+            logits = model(ids, cache=cache)
+            nxt = int(logits[0, -1].argmax())
+            if nxt in tok.stop_ids:
+                break
+            out.append(nxt)
+            ids = torch.tensor([[nxt]], device=device)
+    model.train(was_training)
+    return tok.decode(out).strip()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: int):
+    """checkpoints/step-N/: trainable weights, optimizer, scheduler, RNG states, step (= data position).
+    Written into a temporary dir, fsynced, then renamed: a step-N dir is always complete."""
+    root = out / "checkpoints"
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python_rng": random.getstate()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in sorted(complete_checkpoints(out))[:-keep] if keep > 0 else []:
+        shutil.rmtree(root / f"step-{old}")
+
+
+def complete_checkpoints(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name[5:]) for d in root.iterdir()
+                  if d.name.startswith("step-") and (d / "trainer_state.json").is_file())
+
+
+def load_checkpoint(out: Path, step: int, model, optimizer, scheduler, device):
+    d = out / "checkpoints" / f"step-{step}"
+    sd = load_file(str(d / "trainable.safetensors"), device=str(device))
+    params = trainable(model)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(sd[n])
+    st = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["torch_rng"])
+    if st["cuda_rng"]:
+        torch.cuda.set_rng_state_all(st["cuda_rng"])
+    random.setstate(_tuples(st["python_rng"]))
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_final(out: Path, model, cfg: TrainConfig, tok):
+    if cfg.method == "full":
+        M.save_pretrained(unwrap(model), out / "model")
+        tok.save(out / "model")
+        return out / "model"
+    import peft
+    peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
+    if cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers, write an HF model
+        try:
+            M.save_pretrained(peft.merge_and_unload(model.float()), out / "model")
+            tok.save(out / "model")
+        except ValueError as e:  # a method that can't be merged (bottleneck adapters, prompt methods)
+            print(f"warning: --merge: {e}; only the adapter was saved", file=sys.stderr)
+    return out / "adapter"
+
+
+def plot_loss(out: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+    plt.figure(figsize=(6, 4))
+    plt.plot(*zip(*tr), label="train")
+    if ev:
+        plt.plot(*zip(*ev), "o-", label="eval")
+    plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
+    plt.savefig(out / "loss.png")
+
+
+class Logger:
+    """metrics.jsonl (+ TensorBoard if installed), rank 0 only."""
+
+    def __init__(self, out: Path, resume_step: int, on: bool):
+        self.on, self.f, self.tb = on, None, None
+        if not on:
+            return
+        path = out / "metrics.jsonl"
+        old = path.read_text().splitlines() if resume_step and path.exists() else []
+        keep = [l for l in old if json.loads(l).get("step", 0) <= resume_step]  # drop steps redone after resume
+        self.f = open(path, "w")
+        self.f.write("".join(l + "\n" for l in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, rec: dict):
+        if not self.on:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    cfg = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # torchrun sets OMP_NUM_THREADS=1; share the cores between the ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        else:
+            torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    try:
+        tok = M.load_tokenizer(cfg.model)
+        train_ex, eval_ex, stats = load_data(cfg, tok, rank)  # validated before anything is written in --out
+        if not cfg.resume and complete_checkpoints(out):
+            raise data.DataError(f"{out}: holds checkpoints from an earlier run; pass --resume or another --out")
+    except (data.DataError, M.CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch(train_ex, cfg, world)))
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg, device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    start = 0
+    if cfg.resume and complete_checkpoints(out):
+        start = complete_checkpoints(out)[-1]
+        load_checkpoint(out, start, model, optimizer, scheduler, device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out / "checkpoints").glob(".tmp-*"):  # a save killed half-way
+            shutil.rmtree(d)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        n_train = sum(p.numel() for p in trainable(model).values())
+        n_all = sum(p.numel() for p in unwrap(model).parameters())
+        print(f"model: {cfg.model} | method {cfg.method} | trainable params: {n_train:,} || all params: "
+              f"{n_all:,} || trainable%: {100 * n_train / n_all:.4f} | steps {start}->{total} | world {world}",
+              flush=True)
+        if start:
+            print(f"resumed from {out / 'checkpoints' / f'step-{start}'}", flush=True)
+    log = Logger(out, start, rank == 0)
+    prompts = [p for _, kind, p in data.read_records((cfg.eval_data or cfg.data).split(","), True)
+               if kind == "chat"][:cfg.eval_samples] if cfg.eval_every and rank == 0 else []
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
+    seen = 0
+    for step in bar:
+        t0 = time.perf_counter()
+        mbs = micro_batches(train_ex, cfg, step, rank, world, pad_id)
+        ntok = all_sum(sum(int((b["input_ids"] != pad_id).sum()) if b["attention_mask"] is not None
+                           else b["input_ids"].numel() for b in mbs), device)
+        lr = scheduler.get_last_lr()[0]
+        m = train_step(model, mbs, optimizer, scheduler, cfg, device, scaler)
+        if not m["finite"]:
+            last = complete_checkpoints(out)
+            log.close()
+            sys.exit(f"error: step {step + 1}: loss is {m['loss']} (not finite); stopped without updating the "
+                     f"weights. Last good checkpoint: "
+                     + (str(out / "checkpoints" / f"step-{last[-1]}") if last else "none")
+                     + ". Try a lower --lr, --precision fp32/bf16 or --max-grad-norm 1.")
+        dt = time.perf_counter() - t0
+        seen += ntok
+        rec = {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": int(seen),
+               "trained_tokens": m["trained_tokens"], "tokens_per_s": ntok / dt}
+        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            log.log(rec)
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and rank == 0 and eval_ex:
+            ev = evaluate(model, eval_ex, cfg, device, pad_id)
+            samples = [generate(model, tok, p, device, template=cfg.template or None, cfg=cfg) for p in prompts]
+            log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
+            tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
+            for p, s in zip(prompts, samples):
+                tqdm.write(f"  Q: {p[-2]['content'][:80]!r}\n  A: {s[:200]!r}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and rank == 0:
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep)
+        if world > 1:
+            dist.barrier()
+    log.close()
+    if rank == 0:
+        where = save_final(out, model, cfg, tok)
+        plot_loss(out)
+        print(f"saved {where}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main()
