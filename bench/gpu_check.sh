@@ -15,5 +15,11 @@ fi
 OUTDIR="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nvcc --version | tail -1
+# a failing test must not cost the measurements of this (expensive) call: record its status, go on, report it
+set +e
 python3 -m pytest -q -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tee "$OUTDIR/pytest_cuda.txt"
+tests=${PIPESTATUS[0]}
 python3 bench/gpu_check.py "$@" 2>&1 | tee "$OUTDIR/gpu_check.md"
+bench=${PIPESTATUS[0]}
+echo "pytest exit $tests, gpu_check exit $bench"
+exit $(( tests || bench ))
