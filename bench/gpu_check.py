@@ -108,58 +108,71 @@ HF_QLORA = """
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from peft import LoraConfig, get_peft_model
-path, B, T, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, B, T, steps, dev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                        bnb_4bit_compute_dtype=torch.bfloat16)
-m = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map="cuda")
+m = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16, device_map=dev)
 m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.randint(0, m.config.vocab_size, (B, T), device="cuda")
-torch.cuda.reset_peak_memory_stats()
+ids = torch.randint(0, m.config.vocab_size, (B, T), device=dev)
+if dev == "cuda": torch.cuda.reset_peak_memory_stats()
 for i in range(steps):
-    if i == 2: torch.cuda.synchronize(); t = time.perf_counter()
+    if i == 2: sync(); t = time.perf_counter()
     loss = m(input_ids=ids, labels=ids).loss
     opt.zero_grad(); loss.backward(); opt.step()
-torch.cuda.synchronize()
+sync()
 print(json.dumps({"tok_s": B * T * (steps - 2) / (time.perf_counter() - t),
-                  "peak_gb": torch.cuda.max_memory_allocated() / 2**30}))
+                  "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")}))
 """
 
 
-def bench_qlora(have_bnb: bool, B=4, T=512, steps=8):
+def bench_qlora(have_bnb: bool, dev="cuda", smoke=False, B=4, T=512, steps=8):
+    """smoke=True: a 2-layer model on `dev` for a quick dry run of this code path (bench/gpu_check.py --smoke-cpu)."""
     cfg = M.ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                         num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5,
                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)  # TinyLlama-1.1B's shape
+    if smoke:
+        cfg = M.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+        B, T, steps = 1, 16, 3
+    on_gpu = dev == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with tempfile.TemporaryDirectory() as d:
-        with torch.device("cuda"):
+        with torch.device(dev):
             dense = M.Transformer(cfg).to(torch.bfloat16).init_weights(0.02, seed=0)
         M.save_pretrained(dense.cpu(), d)
         del dense
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
         t = time.perf_counter()
         model = qlora.load_qlora(d, LoraConfig(r=16, alpha=32, targets="all-linear"), dtype=torch.bfloat16,
-                                 device="cuda").train()
+                                 device=dev).train()
         load_s = time.perf_counter() - t
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device="cuda")
-        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         for i in range(steps):
             if i == 2:
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
             logits = model(ids[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        torch.cuda.synchronize()
+        sync()
         ours = {"tok_s": B * T * (steps - 2) / (time.perf_counter() - t),
-                "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+                "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")}
         del model, opt, logits, loss
-        torch.cuda.empty_cache()
-        hf = json.loads(run_outside_repo(HF_QLORA, d, str(B), str(T), str(steps))) if have_bnb else None
-    print(f"\n| QLoRA r16 all-linear, ~1.1B llama, B{B}xT{T}, bf16 | tokens/s | peak GiB |\n|---|---|---|")
-    print(f"| nanotune (our kernel; load+quantize {load_s:.1f} s) | {ours['tok_s']:.0f} | {ours['peak_gb']:.2f} |")
+        if on_gpu:
+            torch.cuda.empty_cache()
+        hf = json.loads(run_outside_repo(HF_QLORA, d, str(B), str(T), str(steps), dev)) if have_bnb else None
+    size = "tiny smoke model" if smoke else "~1.1B llama"
+    print(f"\n| QLoRA r16 all-linear, {size}, B{B}xT{T}, bf16 | tokens/s | peak GiB |\n|---|---|---|")
+    path = "CUDA kernel" if on_gpu else "torch path"
+    print(f"| nanotune ({path}; load+quantize {load_s:.1f} s) | {ours['tok_s']:.0f} | {ours['peak_gb']:.2f} |")
     if hf:
         print(f"| HF + PEFT + bitsandbytes | {hf['tok_s']:.0f} | {hf['peak_gb']:.2f} |")
     else:
@@ -169,11 +182,14 @@ def bench_qlora(have_bnb: bool, B=4, T=512, steps=8):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-qlora", action="store_true")
+    ap.add_argument("--smoke-cpu", action="store_true", help="dry-run the QLoRA section on the CPU, tiny model")
     a = ap.parse_args()
+    have_bnb = subprocess.run([sys.executable, "-P", "-c", "import bitsandbytes"], capture_output=True).returncode == 0
+    if a.smoke_cpu:
+        return bench_qlora(have_bnb, dev="cpu", smoke=True)
     assert torch.cuda.is_available(), "gpu_check needs a CUDA GPU"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     assert cuda.available(), "the NF4 kernel did not build (nvcc?)"
-    have_bnb = subprocess.run([sys.executable, "-P", "-c", "import bitsandbytes"], capture_output=True).returncode == 0
     exact = check_bit_exact()
     bench_bandwidth(have_bnb)
     if not a.skip_qlora:

@@ -4,7 +4,8 @@
 # 1. tests/test_quant_cuda.py: our kernel builds with nvcc and is bit-exact with the torch path (poisoned output)
 # 2. bench/gpu_check.py: bit-exact table on fresh inputs, GB/s vs device copy (and vs bitsandbytes if carried),
 #    QLoRA step tokens/s + peak memory on a ~1.1B random llama vs HF + PEFT + bitsandbytes (if carried).
-# The tables land in $OUT/gpu_check.md (copy them into bench/RESULTS.md).
+# The tables land in $OUT/gpu_check.md (copy them into bench/RESULTS.md). Dry-run the QLoRA section on a CPU
+# first with `python bench/gpu_check.py --smoke-cpu` (tiny model; bitsandbytes CPU for the HF side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -15,5 +16,11 @@ fi
 OUTDIR="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nvcc --version | tail -1
+# a failing test must not cost the measurements of this (expensive) call: record its status, go on, report it
+set +e
 python3 -m pytest -q -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tee "$OUTDIR/pytest_cuda.txt"
+tests=${PIPESTATUS[0]}
 python3 bench/gpu_check.py "$@" 2>&1 | tee "$OUTDIR/gpu_check.md"
+bench=${PIPESTATUS[0]}
+echo "pytest exit $tests, gpu_check exit $bench"
+exit $(( tests || bench ))

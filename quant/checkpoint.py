@@ -8,7 +8,6 @@ different shards. The same loader also quantizes a full-precision checkpoint on 
 time: the model is built on the meta device and each weight is read, quantized and dropped, so peak memory is
 the 4-bit model plus one full-precision matrix.
 """
-import contextlib
 from pathlib import Path
 
 import torch
@@ -58,46 +57,49 @@ def load_nf4(path, dtype=torch.float32, device="cpu", quantize: bool = False, bl
     elif not quantize:
         raise CheckpointError(f"{path}: config.json has no quantization_config (pass quantize=True to quantize "
                               f"a full-precision model at load time)")
-    files = _weight_files(path)
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
-        where = {k: h for h in handles for k in h.keys()}  # key -> the shard holding it (siblings may differ)
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        consumed = set()
+    where = {}  # key -> the shard holding it (a weight's siblings may sit in different shards)
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            where.update({k: f for k in h.keys()})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    consumed = set()
 
-        def take(k):
-            consumed.add(k)
-            return where[k].get_tensor(k)
+    def take(k):
+        # open, copy, close: a tensor from safe_open can be a view of the file's memory map, and a map kept open
+        # counts every page read so far (the whole full-precision model by the end) in the process's RSS
+        consumed.add(k)
+        with safe_open(str(where[k]), framework="pt", device="cpu") as h:
+            return h.get_tensor(k).clone()
 
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
-            src = f"{path}: {name}"
-            if f"{name}.{QS_SUFFIX}" in where:                          # pre-quantized by bitsandbytes
-                tensors = {s: take(f"{name}.{s}") for s in SUFFIXES if f"{name}.{s}" in where}
-                try:
-                    packed, state = from_bnb_tensors(tensors, src)
-                except ValueError as e:
-                    raise CheckpointError(str(e)) from None
-            elif quantize and not name.endswith(tuple(skip)) and f"{name}.weight" in where:
-                w = take(f"{name}.weight").to(device=device, dtype=dtype)  # the one full-precision matrix
-                packed, state = quantize_nf4(w, blocksize, double_quant)
-                del w
-            else:
-                continue
-            if tuple(state.shape) != tuple(module.weight.shape):
-                raise CheckpointError(f"{src}: quantized weight has shape {list(state.shape)}, config.json implies "
-                                      f"{list(module.weight.shape)}")
-            bias = None
-            if module.bias is not None:
-                if f"{name}.bias" not in where:
-                    raise CheckpointError(f"{src}: missing tensor {name}.bias")
-                bias = take(f"{name}.bias").to(device=device, dtype=dtype)
-            state.dtype = dtype
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NF4Linear(packed.to(device), state.to(device), bias))
-        rest = {k: where[k].get_tensor(k).to(device=device, dtype=dtype) for k in where if k not in consumed}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        src = f"{path}: {name}"
+        if f"{name}.{QS_SUFFIX}" in where:                          # pre-quantized by bitsandbytes
+            tensors = {s: take(f"{name}.{s}") for s in SUFFIXES if f"{name}.{s}" in where}
+            try:
+                packed, state = from_bnb_tensors(tensors, src)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        elif quantize and not name.endswith(tuple(skip)) and f"{name}.weight" in where:
+            w = take(f"{name}.weight").to(device=device, dtype=dtype)  # the one full-precision matrix
+            packed, state = quantize_nf4(w, blocksize, double_quant)
+            del w
+        else:
+            continue
+        if tuple(state.shape) != tuple(module.weight.shape):
+            raise CheckpointError(f"{src}: quantized weight has shape {list(state.shape)}, config.json implies "
+                                  f"{list(module.weight.shape)}")
+        bias = None
+        if module.bias is not None:
+            if f"{name}.bias" not in where:
+                raise CheckpointError(f"{src}: missing tensor {name}.bias")
+            bias = take(f"{name}.bias").to(device=device, dtype=dtype)
+        state.dtype = dtype
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NF4Linear(packed.to(device), state.to(device), bias))
+    rest = {k: take(k).to(device=device, dtype=dtype) for k in list(where) if k not in consumed}
     _attach_rest(model, rest, str(path))
     return model.eval()
 

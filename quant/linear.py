@@ -9,13 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cuda import dequantize  # our CUDA kernel for CUDA tensors when it builds, else the torch path
 from .nf4 import NF4State, check_state, from_bnb_tensors, quantize_nf4, to_bnb_tensors
-
-
-def dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """The CUDA kernel for CUDA tensors when it builds, else the torch path (quant/cuda.py decides)."""
-    from .cuda import dequantize as dq
-    return dq(packed, state, dtype)
 
 
 class NF4LinearFunction(torch.autograd.Function):

@@ -128,10 +128,11 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
 
 def dequantize_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, offset) -> torch.Tensor:
     """uint8 codes (m,) -> fp32 absmax: DYNAMIC_CODE[q] * nested_absmax[j // 256] + offset (two fp32 roundings)."""
-    m = q.numel()
-    vals = DYNAMIC_CODE.to(q.device)[q.long()]
-    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:m]
-    return vals * scale + torch.as_tensor(offset, dtype=torch.float32, device=q.device)
+    m, nb = q.numel(), nested_absmax.numel()
+    vals = DYNAMIC_CODE.to(q.device)[q.long()]                          # (m,)
+    vals = torch.nn.functional.pad(vals, (0, nb * NESTED_BLOCKSIZE - m)).view(nb, NESTED_BLOCKSIZE)
+    vals = (vals * nested_absmax[:, None]).view(-1)[:m]                # one rounding ...
+    return vals + torch.as_tensor(offset, dtype=torch.float32, device=q.device)  # ... and another
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
@@ -188,11 +189,12 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     dtype = dtype or state.dtype
     n, bs = state.numel, state.blocksize
     absmax = state.absmax_fp32()                                       # (n_blocks,)
-    vals = NF4_PAIRS.to(packed.device)[as_bytes(packed).long()].view(-1)  # (2 * n_bytes,)
+    table = NF4_PAIRS.to(packed.device)
+    vals = torch.index_select(table, 0, as_bytes(packed).int()).view(-1)  # (2 * n_bytes,) fp32
     pad = absmax.numel() * bs - vals.numel()
     if pad > 0:  # partial last block: pad to whole blocks so one broadcast multiply covers everything
         vals = torch.nn.functional.pad(vals, (0, pad))
-    out = vals[:absmax.numel() * bs].view(-1, bs) * absmax[:, None]  # (n_blocks, bs) fp32
+    out = vals.view(-1, bs).mul_(absmax[:, None])                      # (n_blocks, bs) fp32, in place
     return out.view(-1)[:n].to(dtype).view(state.shape)
 
 

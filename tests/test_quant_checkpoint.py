@@ -13,7 +13,7 @@ from quant.linear import NF4Linear
 from tests.reference import run_reference, tiny_hf_config
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 100, 3], [4, 8, 15, 16, 23, 42, 64, 127]])
-# (name, double quant, quant_storage, max_shard_size): sharded so a weight's siblings land in other shards
+# (name, double quant, quant_storage, max_shard_size); the sharded one is re-sharded to split siblings too
 VARIANTS = [("dq_sharded", True, "uint8", "30KB"), ("plain_bf16_storage", False, "bfloat16", "5GB")]
 
 
@@ -47,23 +47,38 @@ def ref(tmp_path_factory):
     return wd, out
 
 
+def _alternate_shards(src, dst):
+    """Re-shard a checkpoint so that consecutive keys alternate between two files: every quantized weight then
+    has its siblings (absmax, quant_state, ...) in the other shard (transformers keeps them together)."""
+    dst.mkdir()
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(f))
+    keys = sorted(sd)
+    shards = {"a.safetensors": keys[0::2], "b.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, dst / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    p = "model.layers.0.mlp.down_proj.weight"
+    assert weight_map[p] != weight_map[p + ".absmax"]
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
 def _logits(model):
     with torch.no_grad():
         return model(IDS)
 
 
 @pytest.mark.parametrize("variant", [v[0] for v in VARIANTS])
-def test_load_bitsandbytes_dir_matches_transformers(ref, variant):
+def test_load_bitsandbytes_dir_matches_transformers(ref, variant, tmp_path):
     wd, out = ref
+    src = wd / variant
     if variant == "dq_sharded":
-        assert (wd / variant / "model.safetensors.index.json").is_file()  # the layout under test
-        index = json.loads((wd / variant / "model.safetensors.index.json").read_text())["weight_map"]
-        shards = {}  # quantized module -> the shards holding its weight, absmax, quant_state, ...
-        for k, f in index.items():
-            if "_proj.weight" in k:
-                shards.setdefault(k.split(".weight")[0], set()).add(f)
-        assert any(len(s) > 1 for s in shards.values())
-    model = load_nf4(wd / variant)
+        assert (src / "model.safetensors.index.json").is_file()
+        src = _alternate_shards(src, tmp_path / "split")
+    model = load_nf4(src)
     assert isinstance(model.model.layers[1].mlp.down_proj, NF4Linear) and not isinstance(model.lm_head, NF4Linear)
     assert torch.equal(_logits(model), out[variant])  # bit-exact: same dequantized weights, same fp32 matmuls
 

@@ -41,3 +41,9 @@ def test_kernel_bit_exact_with_torch_path(dtype, double_quant):
         obuf = torch.full((n + 1,), float("nan"), dtype=dtype, device="cuda")
         cuda.kernel_dequantize(pbuf[1:], state, dtype, out=obuf[1:])
         assert torch.equal(obuf[1:].view(shape), ref)
+
+
+def test_cpu_tensors_take_the_torch_path(capsys):
+    packed, state = quantize_nf4(torch.randn(33, 65), 64, True)
+    assert torch.equal(cuda.dequantize(packed, state, torch.bfloat16), dequantize_nf4(packed, state, torch.bfloat16))
+    assert capsys.readouterr().err == ""  # no fallback notice: CPU tensors never want the kernel
