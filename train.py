@@ -587,7 +587,8 @@ def main(argv=None):
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
             tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
             for p, s in zip(prompts, samples):
-                tqdm.write(f"  Q: {p[-2]['content'][:80]!r}\n  A: {s[:200]!r}")
+                q = next((m["content"] for m in reversed(p[:-1]) if m["role"] == "user"), "")
+                tqdm.write(f"  Q: {q[:80]!r}\n  A: {s[:200]!r}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and rank == 0:
             save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep)
         if world > 1:
