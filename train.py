@@ -131,7 +131,8 @@ def build_model(cfg: TrainConfig, device):
     else:
         sys.exit(f"error: --method {cfg.method} is not wired into train.py yet")
     model = peft.apply(base, pcfg)
-    if cfg.precision == "bf16" and cfg.method in ("lora", "dora"):  # frozen base matrices stored in bf16: no per-step weight casts under autocast
+    if cfg.precision == "bf16" and cfg.method in ("lora", "dora"):
+        # frozen base matrices stored in bf16: no per-step weight casts under autocast, half the memory
         for name, p in model.named_parameters():
             if not p.requires_grad and p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
                 p.data = p.data.to(torch.bfloat16)
@@ -146,7 +147,11 @@ def _targets(s: str):
 
 
 def unwrap(model) -> M.Transformer:
-    return model if isinstance(model, M.Transformer) else __import__("peft").unwrap(model)
+    """The plain Transformer (what checkpoints are saved from) under any PEFT wrapper."""
+    if isinstance(model, M.Transformer):
+        return model
+    import peft
+    return peft.unwrap(model)
 
 
 def trainable(model) -> dict[str, nn.Parameter]:
@@ -524,7 +529,10 @@ def main(argv=None):
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg, device)
+    try:
+        model = build_model(cfg, device)
+    except ValueError as e:  # bad method options (unknown target module, r <= 0, ...)
+        sys.exit(f"error: {e}")
     model.train()
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, total)
@@ -579,7 +587,8 @@ def main(argv=None):
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
             tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
             for p, s in zip(prompts, samples):
-                tqdm.write(f"  Q: {p[-2]['content'][:80]!r}\n  A: {s[:200]!r}")
+                q = next((m["content"] for m in reversed(p[:-1]) if m["role"] == "user"), "")
+                tqdm.write(f"  Q: {q[:80]!r}\n  A: {s[:200]!r}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and rank == 0:
             save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep)
         if world > 1:

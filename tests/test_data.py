@@ -39,14 +39,12 @@ def tok(tok_dir):
     return M.load_tokenizer(tok_dir)
 
 
-@pytest.fixture(scope="module")
-def hf_masks(tok_dir, tmp_path_factory):
+def hf_render(tok_dir, workdir) -> tuple[list, list]:
     """transformers' rendering + token ids of each conversation, and the expected trained-token mask built from
     HF's own tokenised prefixes: tokens from len(prefix + generation prompt) to the end of the turn, minus the
     trailing newline after <|im_end|>."""
     convs = [data.normalise(r, "x")[1] for r in (MULTI_TURN, ALPACA)]
-    wd = tmp_path_factory.mktemp("hfref")
-    (wd / "convs.json").write_text(json.dumps(convs))
+    (workdir / "convs.json").write_text(json.dumps(convs))
     run_reference(f"""
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained("{tok_dir}")
@@ -65,13 +63,16 @@ def hf_masks(tok_dir, tmp_path_factory):
                     mask[a:b - 1] = [1] * (b - 1 - a)
             out.append({{"text": text, "ids": ids, "mask": mask}})
         json.dump(out, open("hf.json", "w"))
-    """, wd)
-    return convs, json.loads((wd / "hf.json").read_text())
+    """, workdir)
+    return convs, json.loads((workdir / "hf.json").read_text())
 
 
-@pytest.mark.parametrize("k", [0, 1], ids=["sharegpt_multiturn", "alpaca_history"])
-def test_masking_matches_hf_chat_template(tok, hf_masks, k):
-    convs, hf = hf_masks
+@pytest.fixture(scope="module")
+def hf_masks(tok_dir, tmp_path_factory):
+    return hf_render(tok_dir, tmp_path_factory.mktemp("hfref"))
+
+
+def check_masks(tok, convs, hf, k):
     ex = data.encode_record(tok, "chat", convs[k], seq_len=4096)[0]
     assert tok.apply_chat_template(convs[k]) == hf[k]["text"]
     assert ex.ids.tolist() == hf[k]["ids"]
@@ -79,6 +80,21 @@ def test_masking_matches_hf_chat_template(tok, hf_masks, k):
     # the trained runs are exactly the assistant answers, each with its end-of-turn token
     answers = [m["content"] + "<|im_end|>" for m in convs[k] if m["role"] == "assistant"]
     assert tok.decode(ex.ids[ex.train].tolist(), skip_special_tokens=False) == "".join(answers)
+
+
+@pytest.mark.parametrize("k", [0, 1], ids=["sharegpt_multiturn", "alpaca_history"])
+def test_masking_matches_hf_chat_template(tok, hf_masks, k):
+    check_masks(tok, *hf_masks, k)
+
+
+@pytest.mark.slow
+def test_masking_matches_hf_with_real_smollm2_tokenizer(tmp_path):
+    """Byte-level BPE with merges (offsets), SmolLM2's own template and its default system prompt."""
+    from model.gguf import default_model
+    convs, hf = hf_render(default_model(), tmp_path)
+    tok = M.load_tokenizer(default_model())
+    for k in range(len(convs)):
+        check_masks(tok, convs, hf, k)
 
 
 def test_train_on_prompt_and_truncation(tok):
