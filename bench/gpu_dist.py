@@ -5,6 +5,9 @@ gradient shard and Adam moments); with --offload only the bf16 weights (2 bytes/
 buckets stay on the GPU, and the fp32 step runs on the CPU (fused AdamW). The default ~5.1B-param llama needs
 ~92 GB without offload (does not fit an 80 GB card) and ~10 GB + activations with it (~82 GB of host RAM).
 
+Needs an 80 GB card (H100): on a 139 GB H200 a model too big for it without offload (> 7.7B) would need
+> 139 GB of host RAM with offload (18 bytes/param: fp32 master, grad, m, v + a bf16 staging copy).
+
     python bench/gpu_dist.py                       # both attempts, prints a markdown row per attempt
     python bench/gpu_dist.py --layers 2 --steps 2  # quick smoke test
 Called from bench/gpu_check.sh; not run by CI (no GPU there).

@@ -33,6 +33,7 @@ class Bucket:
         self.grad = None            # (S,) fp32 reduced gradient shard (CPU when offloaded)
         self.flat_grad = None       # (padded,) compute dtype, stage 1: the params' .grad are views of it
         self.grad_buf = None        # (padded,) compute dtype, stage 2/3: transient, filled by backward hooks
+        self.staged = None          # (S,) compute dtype, pinned host memory: offload's async copy of the shard
         self.ready = 0              # how many params reported their gradient in this backward
         self.gathered = True        # `full` is allocated until stage 3 frees it
 

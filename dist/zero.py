@@ -117,7 +117,7 @@ class ZeroOptimizer:
         fused = True if offload or self.device.type == "cuda" else None  # fused: one kernel for all segments
         self.optimizer = torch.optim.AdamW(seg_groups, fused=fused)
         self.step_count, self._reduced, self._next, self._in_backward = 0, False, 0, False
-        self._pending = collections.deque()
+        self._pending, self._staged = collections.deque(), []
         self.peak = {"grads": 0, "params": 0}  # transient bytes seen during backward / stage 3 gathers
         if stage == 3:
             self.gatherer = zero3.Gatherer(self, model)
@@ -200,7 +200,20 @@ class ZeroOptimizer:
         b, _, out, work = self._pending.popleft()
         if work is not None:
             work.wait()
-        b.grad.add_(out.to(self.master_device, torch.float32))
+        if self.master_device == self.device:  # no offload, or a CPU run
+            b.grad.add_(out)
+        else:  # offload from a GPU: copy to pinned memory without blocking backward; summed in _drain_staged
+            if b.staged is None:
+                b.staged = torch.empty(b.shard_numel, dtype=self.dtype, pin_memory=True)
+            b.staged.copy_(out, non_blocking=True)
+            self._staged.append(b)
+
+    def _drain_staged(self):
+        if self._staged:
+            torch.cuda.current_stream(self.device).synchronize()  # the async device->host copies are done
+        for b in self._staged:
+            b.grad.add_(b.staged)
+        self._staged.clear()
 
     def backward(self, loss: torch.Tensor):
         """loss.backward(), then reduce what the hooks have not reduced yet (buckets in order, zeros if unused)."""
@@ -212,6 +225,7 @@ class ZeroOptimizer:
                 self._launch(self.buckets[self._next])
             while self._pending:
                 self._complete()
+            self._drain_staged()
         for b in self.buckets:
             b.ready = 0
             if b.sharded:
@@ -292,7 +306,8 @@ class ZeroOptimizer:
         """Bytes of the tensors this rank holds now, by kind (compare with predicted_bytes)."""
         params = sum(b.full.untyped_storage().nbytes() + (b.shard_param.nbytes if b.sharded else 0)
                      for b in self.buckets)
-        grads = sum(b.grad.nbytes + (b.flat_grad.nbytes if b.flat_grad is not None else 0) for b in self.buckets)
+        grads = sum(b.grad.nbytes + sum(t.nbytes for t in (b.flat_grad, b.staged) if t is not None)
+                    for b in self.buckets)
         grads += sum(p.grad.nbytes for b in self.buckets for p in b.params if self.stage > 1 and p.grad is not None)
         optim = sum(t.nbytes for s in self.optimizer.state.values() for k, t in s.items() if k != "step")
         return {"params": params, "grads": grads, "master": sum(b.master.nbytes for b in self.buckets),
