@@ -18,16 +18,16 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # method -> (our config expression, HF PEFT config expression or None when PEFT has no such method)
-METHODS = {
+METHODS = {  # cheap ones first: rows print as they finish, so a cut-short run still leaves a table
     "LoRA r8 all-linear": ("peft.LoraConfig(r=8, alpha=16, targets='all-linear')",
                            "peft.LoraConfig(r=8, lora_alpha=16, target_modules='all-linear', task_type='CAUSAL_LM')"),
+    "IA3 (k, v, down)": ("peft.IA3Config()", "peft.IA3Config(task_type='CAUSAL_LM')"),
+    "BitFit all-linear": ("peft.BitFitConfig(targets='all-linear')", None),
+    "Pfeiffer r16": ("peft.AdapterConfig(kind='pfeiffer')", None),
+    "Houlsby r16": ("peft.AdapterConfig(kind='houlsby')", None),
     "DoRA r8 all-linear": ("peft.LoraConfig(r=8, alpha=16, targets='all-linear', dora=True)",
                            "peft.LoraConfig(r=8, lora_alpha=16, target_modules='all-linear', use_dora=True, "
                            "task_type='CAUSAL_LM')"),
-    "IA3 (k, v, down)": ("peft.IA3Config()", "peft.IA3Config(task_type='CAUSAL_LM')"),
-    "BitFit all-linear": ("peft.BitFitConfig(targets='all-linear')", None),
-    "Houlsby r16": ("peft.AdapterConfig(kind='houlsby')", None),
-    "Pfeiffer r16": ("peft.AdapterConfig(kind='pfeiffer')", None),
 }
 
 WORKER = r"""
@@ -100,7 +100,12 @@ def main():
     from model.gguf import default_model
     model_dir = args.model or default_model()
     tokens = args.batch * args.seq
-    rows = []
+    load0 = os.getloadavg()[0]
+    print(f"PEFT training step, {os.path.basename(str(model_dir))} fp32, B{args.batch}xT{args.seq} (first half of "
+          f"each row label-masked), {args.threads} threads, median of {args.steps - 1} steps after one warm-up; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print("| method | implementation | trainable params | trainable % | step (s) | tokens/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for name, (ours, hf) in METHODS.items():
         if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")):
             continue
@@ -108,16 +113,12 @@ def main():
             if expr is None:
                 continue
             r = run("ours" if side == "nanotune" else "hf", model_dir, expr, args)
-            rows.append((name, side, r))
-            print(f"{name} {side}: {r}", file=sys.stderr)
-    print(f"PEFT training step, {os.path.basename(str(model_dir))} fp32, B{args.batch}xT{args.seq} (first half of "
-          f"each row label-masked), {args.threads} threads, median of {args.steps - 1} steps after one warm-up; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
-    print("| method | implementation | trainable params | trainable % | step (s) | tokens/s | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, side, r in rows:
-        print(f"| {name} | {side} | {r['trainable']:,d} | {100 * r['trainable'] / r['total']:.3f} | "
-              f"{r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {r['peak_rss_gb']:.2f} |")
+            print(f"| {name} | {side} | {r['trainable']:,d} | {100 * r['trainable'] / r['total']:.3f} | "
+                  f"{r['step_s']:.2f} | {tokens / r['step_s']:.0f} | {r['peak_rss_gb']:.2f} |", flush=True)
+    load1 = os.getloadavg()[0]
+    busy = max(load0, load1) > os.cpu_count()
+    print(f"\n1-minute load average: {load0:.1f} at start, {load1:.1f} at end"
+          + (f" (above {os.cpu_count()}: other jobs shared the CPU, step times are inflated)" if busy else ""))
 
 
 if __name__ == "__main__":

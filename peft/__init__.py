@@ -1,11 +1,11 @@
 """nanotune's parameter-efficient fine-tuning: one file per method, HF PEFT's file format where one exists.
 
-    model = peft.apply(model, peft.LoraConfig(r=8, alpha=16, targets="all-linear"))
-    print(peft.trainable_summary(model))
+    m = peft.apply(model.load_pretrained(base_dir), peft.LoraConfig(r=8, alpha=16, targets="all-linear"))
+    print(peft.trainable_summary(m))
     ... train ...
-    peft.save_adapter(model, "out/adapter", base_model_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    model = peft.load_adapter(model.load_pretrained(base), "out/adapter")   # or PeftModel.from_pretrained
-    peft.merge(model)   # fold the update into the base weights (methods that allow it)
+    peft.save_adapter(m, "out/adapter", base_model_path=base_dir)    # HF's PeftModel.from_pretrained reads it
+    m = peft.load_adapter(model.load_pretrained(base_dir), "out/adapter")   # ours or PEFT-written
+    peft.merge(m)   # fold the update into the base weights (methods that allow it)
 
 Each method module has a config dataclass (`to_json()` / `from_json(d)`), `apply(model, cfg)`,
 `export_state(model)` / `import_state(model, sd, source)` and, where the method allows, `merge` / `unmerge` /

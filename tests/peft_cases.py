@@ -18,6 +18,10 @@ IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 17], [3, 44, 8, 12, 120, 7, 6, 90]
 SCALES = ("magnitude_vector", "ia3_l")  # parameters that multiply: randomise around their init, not around 0
 
 
+def lm_loss(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 def randomize(m, seed):
     """Non-trivial adapter weights (LoRA's B is zero at init, which would hide most bugs)."""
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +51,12 @@ def build(tmp, archs, cases, peft_cases=None, merge=True, pairs=None):
             with torch.no_grad():
                 r["init"] = m(IDS)
                 randomize(m, seed=len(case))
-                r["logits"] = y = m(IDS)
+            logits = m(IDS)
+            lm_loss(logits, IDS).backward()
+            r["grads"] = {peft.core.PEFT_PREFIX + k: p.grad.clone() for k, p in peft.core.adapter_parameters(m).items()}
+            m.zero_grad(set_to_none=True)
+            r["logits"] = y = logits.detach()
+            with torch.no_grad():
                 peft.save_adapter(m, tmp / "ours" / arch / case, base_model_path=hf)
                 if merge:
                     w0 = {k: v.clone() for k, v in m.state_dict().items() if k.endswith(("weight", "bias"))}
@@ -83,13 +92,19 @@ def build(tmp, archs, cases, peft_cases=None, merge=True, pairs=None):
                 d = "{tmp}/ours/" + arch + "/" + case
                 with warnings.catch_warnings(record=True) as w:
                     warnings.simplefilter("always")
-                    pm = PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+                    pm = PeftModel.from_pretrained(copy.deepcopy(base), d, is_trainable=True).eval()
                 saved = set(load_file(d + "/adapter_model.safetensors"))
                 expected = set(get_peft_model_state_dict(pm))
                 warned = any("missing" in str(x.message).lower() for x in w)
                 out[key + ".missing"] = torch.tensor(len(expected - saved) + len(saved - expected) + warned)
-                with torch.no_grad():
-                    out[key + ".ours_in_peft"] = pm(ids).logits
+                logits = pm(ids).logits
+                out[key + ".ours_in_peft"] = logits.detach()
+                torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                  ids[:, 1:].reshape(-1)).backward()
+                for n, p in pm.named_parameters():  # PEFT's names -> file keys (drop the adapter name)
+                    if p.grad is not None:
+                        n = n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+                        out[key + ".grad." + n] = p.grad
                 cls, kw = cases[case]
                 torch.manual_seed(len(case) + 100)
                 pm = get_peft_model(copy.deepcopy(base), getattr(peft, cls)(**kw))
@@ -126,6 +141,17 @@ def check_hf_peft_adapter_loads_in_ours(ref, arch, case, cfg_type):
     with torch.no_grad():
         assert (m(IDS) - ref["ref"][f"{arch}.{case}.peft_logits"]).abs().max().item() <= 1e-5
     return m
+
+
+def check_grads_match_peft(ref, arch, case):
+    """The same loss through PEFT's model gives the same adapter gradients (e.g. DoRA's detached norm)."""
+    ours = ref["ours"][(arch, case)]["grads"]
+    prefix = f"{arch}.{case}.grad."
+    theirs = {k[len(prefix):]: v for k, v in ref["ref"].items() if k.startswith(prefix)}
+    assert set(theirs) == set(ours)
+    for k, g in ours.items():
+        assert g.abs().max() > 0, k
+        assert (theirs[k] - g).abs().max().item() <= 1e-5, k
 
 
 def check_trainable_count(ref, arch, case):

@@ -50,6 +50,11 @@ def test_hf_peft_adapter_loads_in_ours(ref, arch, case):
 
 
 @pytest.mark.parametrize("arch,case", PARAMS)
+def test_adapter_grads_match_peft(ref, arch, case):
+    pc.check_grads_match_peft(ref, arch, case)
+
+
+@pytest.mark.parametrize("arch,case", PARAMS)
 def test_trainable_count_matches_peft(ref, arch, case):
     pc.check_trainable_count(ref, arch, case)
 
