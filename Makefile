@@ -17,7 +17,7 @@ dev-deps: deps
 	@$(PIP) -r requirements-dev.txt
 
 train: deps
-	$(PY) train.py --config data/default/default_run.toml
+	$(PY) -m data.default_run
 
 test: dev-deps
 	$(PY) -m pytest -q
