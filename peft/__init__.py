@@ -1,11 +1,11 @@
 """nanotune's parameter-efficient fine-tuning: one file per method, HF PEFT's file format where one exists.
 
-    model = peft.apply(model, peft.LoraConfig(r=8, alpha=16, targets="all-linear"))
-    print(peft.trainable_summary(model))
+    m = peft.apply(model.load_pretrained(base_dir), peft.LoraConfig(r=8, alpha=16, targets="all-linear"))
+    print(peft.trainable_summary(m))
     ... train ...
-    peft.save_adapter(model, "out/adapter", base_model_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    model = peft.load_adapter(model.load_pretrained(base), "out/adapter")   # or PeftModel.from_pretrained
-    peft.merge(model)   # fold the update into the base weights (methods that allow it)
+    peft.save_adapter(m, "out/adapter", base_model_path=base_dir)    # HF's PeftModel.from_pretrained reads it
+    m = peft.load_adapter(model.load_pretrained(base_dir), "out/adapter")   # ours or PEFT-written
+    peft.merge(m)   # fold the update into the base weights (methods that allow it)
 
 Each method module has a config dataclass (`to_json()` / `from_json(d)`), `apply(model, cfg)`,
 `export_state(model)` / `import_state(model, sd, source)` and, where the method allows, `merge` / `unmerge` /
@@ -19,16 +19,18 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import lora
-from .lora import LoraConfig
-from . import llama_adapter, prefix, prompt
+from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt
+from .adapters import AdapterConfig
+from .bitfit import BitFitConfig
+from .ia3 import IA3Config
 from .llama_adapter import LlamaAdapterConfig
+from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["LoraConfig", "PromptConfig", "PTuningConfig", "PrefixConfig", "LlamaAdapterConfig", "apply",
-           "trainable_summary", "save_adapter", "load_adapter", "merge", "unmerge", "merge_and_unload", "unwrap",
-           "config_from_json"]
+__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "PTuningConfig",
+           "PrefixConfig", "PromptConfig", "apply", "config_from_json", "load_adapter", "merge", "merge_and_unload",
+           "save_adapter", "trainable_summary", "unmerge", "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -37,7 +39,13 @@ def _method(cfg):
     """The module that implements `cfg`'s method."""
     if isinstance(cfg, LoraConfig):  # LoRA, rsLoRA and DoRA
         return lora
-    if isinstance(cfg, (PromptConfig, PTuningConfig)):
+    if isinstance(cfg, IA3Config):
+        return ia3
+    if isinstance(cfg, BitFitConfig):
+        return bitfit
+    if isinstance(cfg, AdapterConfig):
+        return adapters
+    if isinstance(cfg, (PromptConfig, PTuningConfig)):  # prompt tuning and P-tuning
         return prompt
     if isinstance(cfg, PrefixConfig):
         return prefix
@@ -51,11 +59,22 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
     t = d.get("peft_type")
     if t == "LORA":
         return LoraConfig.from_json(d, source)
-    for cls in (PromptConfig, PTuningConfig, PrefixConfig, LlamaAdapterConfig):
-        if t == cls.peft_type:
-            return cls.from_json(d, source)
-    raise ValueError(f"{source}: unknown peft_type {t!r} "
-                     "(supported: LORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
+    if t == "IA3":
+        return IA3Config.from_json(d, source)
+    if t == "BITFIT":  # nanotune's own format
+        return BitFitConfig.from_json(d, source)
+    if t == "BOTTLENECK":  # nanotune's own format
+        return AdapterConfig.from_json(d, source)
+    if t == "PROMPT_TUNING":
+        return PromptConfig.from_json(d, source)
+    if t == "P_TUNING":
+        return PTuningConfig.from_json(d, source)
+    if t == "PREFIX_TUNING":
+        return PrefixConfig.from_json(d, source)
+    if t == "ADAPTION_PROMPT":  # LLaMA-Adapter
+        return LlamaAdapterConfig.from_json(d, source)
+    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK, PROMPT_TUNING, "
+                     "P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

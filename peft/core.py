@@ -12,6 +12,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 PEFT_PREFIX = "base_model.model."  # HF PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
 
@@ -19,7 +20,39 @@ PEFT_PREFIX = "base_model.model."  # HF PEFT's key prefix: PeftModel.base_model 
 def is_linear(m: nn.Module) -> bool:
     # duck-typed so a quantized base linear (NF4) is a target too
     return isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")
-                                        and not hasattr(m, "adapter_names"))
+                                        and not isinstance(m, LinearWrapper))
+
+
+class LinearWrapper(nn.Module):
+    """Base of the wrappers that replace a linear layer: holds the base `weight` (out, in) and `bias` Parameters
+    themselves (same objects, same names), so base checkpoint keys are unchanged."""
+    adapter_names: tuple = ()
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
+        # adapter weights stay fp32 over a bf16/fp16/quantized base (PEFT's autocast_adapter_dtype)
+        self.adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cfg, **kw):
+        return cls(module.weight, module.bias, cfg, **kw)
+
+    def base_forward(self, x):
+        """The frozen layer y = W x + b: overridden by QLoRA for an NF4 base."""
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W as a dense tensor (out, in): overridden by QLoRA to dequantize."""
+        return self.weight
+
+
+def matches(name: str, targets) -> bool:
+    """HF PEFT's rule: a str is a regex over the full module name, a list entry a full name or a name suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def find_targets(model: nn.Module, targets, what: str = "targets") -> list[str]:
@@ -31,16 +64,16 @@ def find_targets(model: nn.Module, targets, what: str = "targets") -> list[str]:
     if isinstance(targets, str) and targets.lower() == "all-linear":
         out = [n for n in linears if n != "lm_head"]
     elif isinstance(targets, str):
-        out = [n for n in linears if re.fullmatch(targets, n)]
+        out = [n for n in linears if matches(n, targets)]
         if not out:
             raise ValueError(f"{what}: regex {targets!r} matches no linear module (e.g. {linears[0]})")
     else:
         targets = list(targets)
         available = sorted({n.rsplit(".", 1)[-1] for n in linears})
         for t in targets:
-            if not any(n == t or n.endswith("." + t) for n in linears):
+            if not any(matches(n, [t]) for n in linears):
                 raise ValueError(f"{what}: no linear module named {t!r} (available: {', '.join(available)})")
-        out = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+        out = [n for n in linears if matches(n, targets)]
     return out
 
 
@@ -108,10 +141,17 @@ def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "cfg", None), "model_type", "llama")
 
 
-def unload(model: nn.Module, cls: type):
+def unload(model: nn.Module, cls: type = LinearWrapper):
     """Replace every `cls` wrapper by a plain nn.Linear holding the same (merged) weight and bias Parameters."""
     for name, m in list(model.named_modules()):
         if isinstance(m, cls):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight, lin.bias = m.weight, m.bias
             replace_module(model, name, lin)
+
+
+def call_all(model: nn.Module, cls: type, method: str):
+    """m.<method>() on every `cls` wrapper (merge / unmerge)."""
+    for m in model.modules():
+        if isinstance(m, cls):
+            getattr(m, method)()

@@ -74,17 +74,13 @@ class LoraConfig:
                    base_model_name_or_path=d.get("base_model_name_or_path"))
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(core.LinearWrapper):
     """y = base_forward(x) + s * B A dropout(x). Keeps the base `weight`/`bias` Parameters under their names."""
     adapter_names = ("lora_A.weight", "lora_B.weight")
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, cfg: LoraConfig):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
-        # LoRA weights stay fp32 over a bf16/fp16/quantized base (PEFT's autocast_adapter_dtype)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        kw = dict(bias=False, device=weight.device, dtype=dtype)
+        super().__init__(weight, bias)
+        kw = dict(bias=False, device=weight.device, dtype=self.adapter_dtype)
         self.lora_A = nn.Linear(self.in_features, cfg.r, **kw)
         self.lora_B = nn.Linear(cfg.r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -95,18 +91,6 @@ class LoraLinear(nn.Module):
         else:  # nn.Linear's own init, as in Microsoft's loralib and PEFT
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-
-    @classmethod
-    def from_module(cls, module: nn.Module, cfg: LoraConfig) -> "LoraLinear":
-        return cls(module.weight, module.bias, cfg)
-
-    def base_forward(self, x):
-        """The frozen layer: overridden by QLoRA for an NF4 base."""
-        return F.linear(x, self.weight, self.bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        """W as a dense tensor (out, in): overridden by QLoRA to dequantize."""
-        return self.weight
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
@@ -187,15 +171,11 @@ def apply(model: nn.Module, cfg: LoraConfig, cls: type | None = None) -> nn.Modu
 
 def merge(model: nn.Module):
     """W <- W + s B A (DoRA: W <- m * (W + s B A) / ||W + s B A||) in every wrapper; forward then skips the branch."""
-    for m in model.modules():
-        if isinstance(m, LoraLinear):
-            m.merge()
+    core.call_all(model, LoraLinear, "merge")
 
 
 def unmerge(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, LoraLinear):
-            m.unmerge()
+    core.call_all(model, LoraLinear, "unmerge")
 
 
 def unload(model: nn.Module):

@@ -90,3 +90,17 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     assert d["base_model_name_or_path"] == "some/base" and d["r"] == 4 and d["peft_type"] == "LORA"
     m2 = peft.load_adapter(tiny(), tmp_path / "a")
     assert torch.equal(m2.model.layers[0].self_attn.q_proj.lora_B.weight, m.model.layers[0].self_attn.q_proj.lora_B.weight)
+
+
+def test_ia3_feedforward_must_be_a_subset_of_targets():
+    one_line_error(lambda: peft.apply(tiny(), peft.IA3Config(targets=["k_proj"], feedforward=["down_proj"])),
+                   "IA3Config.feedforward", "subset")
+
+
+def test_pickle_adapter_is_refused_and_bad_json_is_named(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80")
+    one_line_error(lambda: peft.load_adapter(tiny(), tmp_path), "no adapter_model.safetensors", "pickle")
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    one_line_error(lambda: peft.load_adapter(tiny(), tmp_path), "adapter_config.json", "invalid JSON")
