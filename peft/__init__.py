@@ -23,8 +23,8 @@ from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
 from .ia3 import IA3Config
-from .lora import LoraConfig
 from .llama_adapter import LlamaAdapterConfig
+from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
@@ -45,7 +45,7 @@ def _method(cfg):
         return bitfit
     if isinstance(cfg, AdapterConfig):
         return adapters
-    if isinstance(cfg, (PromptConfig, PTuningConfig)):
+    if isinstance(cfg, (PromptConfig, PTuningConfig)):  # prompt tuning and P-tuning
         return prompt
     if isinstance(cfg, PrefixConfig):
         return prefix
@@ -65,11 +65,16 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
         return BitFitConfig.from_json(d, source)
     if t == "BOTTLENECK":  # nanotune's own format
         return AdapterConfig.from_json(d, source)
-    for cls in (PromptConfig, PTuningConfig, PrefixConfig, LlamaAdapterConfig):
-        if t == cls.peft_type:
-            return cls.from_json(d, source)
-    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK, "
-                     "PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
+    if t == "PROMPT_TUNING":
+        return PromptConfig.from_json(d, source)
+    if t == "P_TUNING":
+        return PTuningConfig.from_json(d, source)
+    if t == "PREFIX_TUNING":
+        return PrefixConfig.from_json(d, source)
+    if t == "ADAPTION_PROMPT":  # LLaMA-Adapter
+        return LlamaAdapterConfig.from_json(d, source)
+    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK, PROMPT_TUNING, "
+                     "P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

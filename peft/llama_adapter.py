@@ -14,6 +14,7 @@ are PEFT's. Differences from PEFT: o_proj's bias (llama attention_bias=True) is 
 adapter branch (PEFT's o_proj(adapter) would break identity at init there); Qwen2/Qwen3 work (PEFT refuses
 them), with Qwen3's q_norm applied to Q like in the token attention.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -83,11 +84,16 @@ class AdaptedAttention(Attention):
         q = apply_rope(q.transpose(1, 2), cos, sin)                      # (B, nh, T, hd)
         p = self.adaption_prompt.to(x.dtype)                             # (1, len, D)
         L = p.shape[1]
-        k = self.k_proj(p).view(1, L, -1, hd).transpose(1, 2).expand(B, -1, -1, -1)  # (B, n_kv, len, hd), no RoPE
-        v = self.v_proj(p).view(1, L, -1, hd).transpose(1, 2).expand(B, -1, -1, -1)
-        # softmax in fp32 like PEFT, then gate; no mask: every query sees all prompt slots
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=k.shape[1] != q.shape[1])
-        y = (self.adaption_gate.float() * y).to(x.dtype)                 # (B, nh, T, hd)
+        k = self.k_proj(p).view(1, L, -1, hd).transpose(1, 2)            # (1, n_kv, len, hd), no RoPE
+        v = self.v_proj(p).view(1, L, -1, hd).transpose(1, 2)
+        # GQA: query group g uses K/V head g. The batch copies and PEFT's op order (fp32 softmax, gate on the
+        # probabilities) are deliberate: the same kernels round the same way, so we match PEFT bit for bit even on
+        # the 30-layer SmolLM2 (a broadcast matmul or SDPA differ by ~1e-5 relative there).
+        k = k.expand(B, -1, -1, -1).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, len, hd)
+        v = v.expand(B, -1, -1, -1).repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scores = q @ k.transpose(2, 3) / math.sqrt(hd)                   # (B, nh, T, len)
+        probs = self.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+        y = probs @ v                                                    # (B, nh, T, hd)
         return out + F.linear(y.transpose(1, 2).reshape(B, T, -1), self.o_proj.weight)  # o_proj without bias
 
 

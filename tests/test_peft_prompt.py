@@ -361,3 +361,38 @@ def test_adapter_for_another_base_names_the_tensor(name):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="adapter_model.safetensors: missing tensor"):
         mod.import_state(dst, {})
+
+
+@pytest.mark.slow
+def test_real_smollm2_exports_load_in_hf_peft(tmp_path):
+    """The real SmolLM2-135M (30 layers, GQA 9/3 heads, tied embeddings): every method's export reproduces our
+    logits in HF PEFT."""
+    from model.gguf import default_model
+    path = str(default_model())
+    cases = {"prompt": PromptConfig(num_virtual_tokens=5), "ptune": PTuningConfig(num_virtual_tokens=5),
+             "prefix": PrefixConfig(num_virtual_tokens=5),
+             "adapter": LlamaAdapterConfig(adapter_len=4, adapter_layers=30)}
+    ids = torch.randint(3, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ours = {}
+    for i, (name, cfg) in enumerate(cases.items()):
+        m = peft.apply(load_pretrained(path), cfg)
+        randomise(m, seed=i)
+        peft.save_adapter(m, tmp_path / name, base_model_path=path)
+        ours[name] = ours_logits(m, ids, mask, name)
+    out = run_reference(f"""
+        from transformers import AutoModelForCausalLM
+        from peft import PeftModel
+        x = load_file("in.safetensors")
+        out = {{}}
+        for name in {list(cases)}:
+            pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{path}", dtype=torch.float32),
+                                           name).eval()
+            with torch.no_grad():
+                out[name] = pm(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        save_file(out, "out.safetensors")
+    """, tmp_path, {"ids": ids, "mask": mask})
+    for name in cases:
+        n = 5 if name in ("prompt", "ptune") else 0
+        torch.testing.assert_close(real(ours[name], mask, n), real(out[name], mask, n), atol=1e-5, rtol=0)
