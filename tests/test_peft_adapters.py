@@ -37,7 +37,12 @@ def test_identity_at_init_and_trainable_count(arch, kind):
 
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
 def test_grads_only_on_adapter_and_adamw_step(kind):
-    adapter = pc.check_grads_and_adamw_step(peft.apply(tiny("qwen2"), peft.AdapterConfig(kind=kind)))
+    # With the default 4-unit bottleneck of this tiny model, the down-projection's random biases are all
+    # negative about 1 time in 16, ReLU is then dead at init and adapter_up gets an exactly-zero gradient.
+    # A wider bottleneck and a fixed seed make the check about the wiring, not about that coin toss.
+    torch.manual_seed(0)
+    adapter = pc.check_grads_and_adamw_step(peft.apply(tiny("qwen2"), peft.AdapterConfig(kind=kind,
+                                                                                         reduction_factor=2)))
     assert all(p.grad.abs().sum() > 0 for n, p in adapter.items() if "adapter_up" in n)
 
 
