@@ -135,3 +135,18 @@ def test_bad_zero_flags_are_one_line_errors(setup, tmp_path, extra, msg):
         train.main(args(setup, tmp_path / "bad", *extra))
     assert str(e.value.code).startswith(msg) and "\n" not in str(e.value.code)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method,zero", [
+    (["--method", "ptuning", "--num-virtual-tokens", "4", "--ptuning-encoder", "lstm", "--lr", "1e-2"], "1"),
+    (["--method", "qlora", "--lora-r", "4", "--lora-alpha", "8"], "2"),
+], ids=["ptuning-lstm-zero1", "qlora-zero2"])
+def test_zero_one_process_prompt_wrapper_and_qlora(setup, method, zero):
+    """The ZeRO optimizer over a prompt-method wrapper's encoder (trainable names `encoder.*`) and over QLoRA's
+    adapters on an NF4 base, in one process: the same losses and adapter as plain AdamW."""
+    d = setup["dir"]
+    name = method[1] + zero
+    train.main(args(setup, d / f"plain-{name}", *method, "--batch-size", "4"))
+    train.main(args(setup, d / f"zero-{name}", *method, "--batch-size", "4", "--zero", zero))
+    assert losses(d / f"zero-{name}")[-1] < losses(d / f"zero-{name}")[0]
+    assert_same_run(d / f"zero-{name}", d / f"plain-{name}")
