@@ -140,10 +140,12 @@ def test_bad_zero_flags_are_one_line_errors(setup, tmp_path, extra, msg):
 @pytest.mark.parametrize("method,zero", [
     (["--method", "ptuning", "--num-virtual-tokens", "4", "--ptuning-encoder", "lstm", "--lr", "1e-2"], "1"),
     (["--method", "qlora", "--lora-r", "4", "--lora-alpha", "8"], "2"),
-], ids=["ptuning-lstm-zero1", "qlora-zero2"])
-def test_zero_one_process_prompt_wrapper_and_qlora(setup, method, zero):
-    """The ZeRO optimizer over a prompt-method wrapper's encoder (trainable names `encoder.*`) and over QLoRA's
-    adapters on an NF4 base, in one process: the same losses and adapter as plain AdamW."""
+    (LORA + ["--merge"], "3"),
+], ids=["ptuning-lstm-zero1", "qlora-zero2", "lora-merge-zero3"])
+def test_zero_one_process_prompt_wrapper_qlora_merge(setup, method, zero):
+    """The ZeRO optimizer over a prompt-method wrapper's encoder (trainable names `encoder.*`), over QLoRA's
+    adapters on an NF4 base, and stage 3 LoRA with --merge (merged inside gathered_params), in one process: the
+    same losses and adapter / merged model as plain AdamW."""
     d = setup["dir"]
     name = method[1] + zero
     train.main(args(setup, d / f"plain-{name}", *method, "--batch-size", "4"))
