@@ -1,6 +1,7 @@
 """nanotune's fine-tuning script: one file, read top to bottom. Single process or `torchrun` data-parallel.
 
-    python train.py --model DIR|FILE.gguf --data FILE[,FILE...] --method full|lora|dora --out DIR [flags]
+    python train.py --model DIR|FILE.gguf --data FILE[,FILE...] --method full|lora|qlora|prefix|... --out DIR [flags]
+    torchrun --nproc_per_node=N train.py ... [--zero 1|2|3 [--offload]]
 
 Loss: the mean cross-entropy over ALL trained tokens of the global batch (every micro-batch of every rank), not a
 mean of per-batch means: each micro-batch backpropagates sum(token losses) / N_global, where N_global (the global
@@ -9,6 +10,7 @@ Logits are computed only at trained positions, in chunks, with the cross-entropy
 (`ChunkedCE`), so no (tokens x vocab) fp32 tensor is ever kept.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,12 +23,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # torch's collectives; our ZeRO package `dist/` is imported by name below
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import data
 import model as M
+from dist import ZeroOptimizer, gathered_params, init_distributed
+from dist import load_checkpoint as zload, save_checkpoint as zsave
 
 METHODS = ("full", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3",
            "llama_adapter")
@@ -79,6 +83,19 @@ class TrainConfig:
     bitfit_targets: str = ""              # linears that get a new zero bias; "": only existing biases
     adapter_kind: str = "houlsby"         # houlsby | pfeiffer
     adapter_reduction: int = 16           # bottleneck width = hidden / reduction
+    # prompt methods: prefix tuning (Li & Liang 2021), prompt tuning (Lester et al. 2021), P-tuning (Liu et al.
+    # 2021), LLaMA-Adapter (Zhang et al. 2023)
+    num_virtual_tokens: int = 20          # prefix / prompt / ptuning
+    prompt_init: str = "random"           # prompt: random | sample_vocab | text
+    prompt_init_text: str = ""            # prompt: the text whose token embeddings initialise the prompt
+    ptuning_encoder: str = "mlp"          # ptuning: mlp | lstm
+    encoder_hidden_size: int = 0          # ptuning encoder / prefix projection width; 0: the method's default
+    prefix_projection: bool = False       # prefix: train the prefix through an MLP (exported projected)
+    adapter_len: int = 10                 # llama_adapter: prompt slots per adapted layer
+    adapter_layers: int = 8               # llama_adapter: adapt the top N layers
+    # ZeRO (Rajbhandari et al. 2020) and ZeRO-Offload (Ren et al. 2021), dist/
+    zero: int = 0                         # 0: plain data parallel (all-reduce); 1 | 2 | 3: ZeRO stage
+    offload: bool = False                 # ZeRO: fp32 master weights, gradients shard, AdamW state + step on CPU
     config: str = field(default="", metadata={"help": "TOML file setting any of these keys"})
 
 
@@ -108,18 +125,27 @@ def parse_args(argv=None) -> TrainConfig:
             sys.exit(f"error: --{k} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
     if not cfg.model or not cfg.data:
         sys.exit("error: --model and --data are required")
+    if cfg.zero not in (0, 1, 2, 3):
+        sys.exit(f"error: --zero {cfg.zero}: expected 0 (plain data parallel), 1, 2 or 3")
+    if cfg.offload and not cfg.zero:
+        sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
+    if cfg.zero and cfg.precision == "fp16":
+        sys.exit("error: --zero: use --precision bf16 or fp32 (ZeRO has no fp16 loss scaling)")
+    if cfg.zero == 3 and cfg.method in ("prefix", "prompt", "ptuning"):
+        sys.exit(f"error: --zero 3 shards the decoder's blocks, but --method {cfg.method} trains only its small "
+                 "prompt encoder (the base is frozen): use --zero 1 or 2")
     return cfg
 
 
 # ----------------------------------------------------------------------------------------------- model + method
 def build_model(cfg: TrainConfig, device):
     """Load the base, attach the PEFT method (the one block that knows about methods), freeze what is frozen."""
-    base = M.load_pretrained(cfg.model, dtype=torch.float32, device=device)
-    base.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.method == "full":
-        return base
+        model = M.load_pretrained(cfg.model, dtype=torch.float32, device=device)
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        return model
     import peft  # imported here: full fine-tuning needs no peft/
-    if cfg.method in ("lora", "dora"):
+    if cfg.method in ("lora", "dora", "qlora"):
         pcfg = peft.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                targets=_targets(cfg.lora_targets), rslora=cfg.lora_rslora, dora=cfg.method == "dora")
     elif cfg.method == "ia3":
@@ -128,9 +154,24 @@ def build_model(cfg: TrainConfig, device):
         pcfg = peft.BitFitConfig(targets=_targets(cfg.bitfit_targets))
     elif cfg.method == "adapter":
         pcfg = peft.AdapterConfig(kind=cfg.adapter_kind, reduction_factor=cfg.adapter_reduction)
-    else:
-        sys.exit(f"error: --method {cfg.method} is not wired into train.py yet")
-    model = peft.apply(base, pcfg)
+    elif cfg.method == "prefix":
+        pcfg = peft.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection,
+                                 encoder_hidden_size=cfg.encoder_hidden_size or None)
+    elif cfg.method == "prompt":
+        pcfg = peft.PromptConfig(num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.prompt_init,
+                                 init_text=cfg.prompt_init_text or None,
+                                 tokenizer_name_or_path=cfg.model if cfg.prompt_init == "text" else None)
+    elif cfg.method == "ptuning":
+        pcfg = peft.PTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, encoder=cfg.ptuning_encoder,
+                                  encoder_hidden_size=cfg.encoder_hidden_size or None)
+    else:  # llama_adapter
+        pcfg = peft.LlamaAdapterConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers)
+    if cfg.method == "qlora":  # the base's linears are quantized to NF4 while loading (quant/), then LoRA
+        from quant import qlora
+        model = qlora.load_qlora(cfg.model, pcfg, dtype=torch.float32, device=device)
+    else:  # prompt methods return a wrapper holding the base as .base; the others modify the base in place
+        model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), pcfg)
+    unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
     if cfg.precision == "bf16" and cfg.method in ("lora", "dora"):
         # frozen base matrices stored in bf16: no per-step weight casts under autocast, half the memory
         for name, p in model.named_parameters():
@@ -155,7 +196,9 @@ def unwrap(model) -> M.Transformer:
 
 
 def trainable(model) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    """Trainable parameters by name: the base's names, or `encoder.*` of a prompt-method wrapper (its virtual
+    tokens live in the wrapper, not in the base)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------------- loss
@@ -238,7 +281,9 @@ def sync_grads(params: list[nn.Parameter]):
 
 # ------------------------------------------------------------------------------------------------ the step
 def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, scaler=None) -> dict:
-    """One optimizer step over this rank's micro-batches. The same function for 1 or N processes."""
+    """One optimizer step over this rank's micro-batches. The same function for 1 or N processes, plain data
+    parallel or ZeRO (whose optimizer reduces the gradients itself: in backward for stages 2/3, at clip for 1)."""
+    zero = isinstance(optimizer, ZeroOptimizer)
     params = list(trainable(model).values())
     n_global = all_sum(sum(data.count_targets(b) for b in micro_batches), device)
     total = 0.0
@@ -246,16 +291,24 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
         with autocast(cfg, device):
             s = loss_sum(model, b, device)
         loss = s / max(n_global, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        if zero:
+            optimizer.backward(loss)  # stage 2/3: reduce-scatters gradient buckets while backward runs
+        else:
+            (scaler.scale(loss) if scaler else loss).backward()
         total += s.item()
-    sync_grads(params)
+    if not zero:
+        sync_grads(params)
     loss = all_sum(total, device) / max(n_global, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "finite": False}
     if scaler:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    if zero:  # the global norm over all ranks' gradient shards
+        norm = optimizer.clip_grad_norm_(max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -272,6 +325,15 @@ def autocast(cfg: TrainConfig, device):
 
 
 def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW over the trainable parameters; with --zero, the ZeRO-sharded AdamW of dist/ (same update)."""
+    if cfg.zero:
+        names = trainable(model)
+        groups = [{"params": [n for n, p in names.items() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [n for n, p in names.items() if p.dim() < 2], "weight_decay": 0.0}]
+        # average_grads=False: each rank's loss is already divided by the GLOBAL token count, so the sum of the
+        # ranks' gradients is the gradient of the global mean (as sync_grads does)
+        return ZeroOptimizer(model, cfg.zero, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             groups=[g for g in groups if g["params"]], offload=cfg.offload, average_grads=False)
     params = list(trainable(model).values())
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms, biases, vectors
     rest = [p for p in params if p.dim() < 2]
@@ -384,15 +446,25 @@ def _fsync(path: Path):
         os.close(fd)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: int):
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: int, rank: int = 0):
     """checkpoints/step-N/: trainable weights, optimizer, scheduler, RNG states, step (= data position).
-    Written into a temporary dir, fsynced, then renamed: a step-N dir is always complete."""
+    Written into a temporary dir, fsynced, then renamed: a step-N dir is always complete. Every rank calls it:
+    with ZeRO, `zero.safetensors` (fp32 master weights + AdamW moments, world-size independent) is gathered by a
+    collective and replaces trainable.safetensors and the optimizer state; rank 0 writes all the files."""
+    zero = isinstance(optimizer, ZeroOptimizer)
     root = out / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if zero:
+        zsave(optimizer, tmp / "zero.safetensors")  # collective (ends with a barrier): after rank 0's mkdir
+    if rank != 0:
+        return
+    if not zero:
+        save_file({n: p.detach().contiguous() for n, p in trainable(model).items()},
+                  str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": None if zero else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python_rng": random.getstate()}, tmp / "state.pt")
@@ -417,14 +489,22 @@ def complete_checkpoints(out: Path) -> list[int]:
 
 
 def load_checkpoint(out: Path, step: int, model, optimizer, scheduler, device):
+    """Every rank loads the same checkpoint (ZeRO: each takes its own shard of zero.safetensors)."""
     d = out / "checkpoints" / f"step-{step}"
-    sd = load_file(str(d / "trainable.safetensors"), device=str(device))
-    params = trainable(model)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(sd[n])
+    zero = isinstance(optimizer, ZeroOptimizer)
+    if zero != (d / "zero.safetensors").is_file():
+        raise ValueError(f"{d}: written {'without' if zero else 'with'} --zero; resume it "
+                         f"{'without' if zero else 'with'} --zero too")
+    if zero:
+        zload(optimizer, d / "zero.safetensors")
+    else:
+        sd = load_file(str(d / "trainable.safetensors"), device=str(device))
+        with torch.no_grad():
+            for n, p in trainable(model).items():
+                p.copy_(sd[n])
     st = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(st["optimizer"])
+    if not zero:
+        optimizer.load_state_dict(st["optimizer"])
     scheduler.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["torch_rng"])
     if st["cuda_rng"]:
@@ -443,7 +523,11 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
         return out / "model"
     import peft
     peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
-    if cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers, write an HF model
+    if cfg.merge and cfg.method == "qlora":  # merge into the DEQUANTIZED base: 4-bit codes would lose the delta
+        from quant import qlora
+        M.save_pretrained(qlora.merge_dequantized(model, torch.float32), out / "model")
+        tok.save(out / "model")
+    elif cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers, write an HF model
         try:
             M.save_pretrained(peft.merge_and_unload(model.float()), out / "model")
             tok.save(out / "model")
@@ -508,14 +592,10 @@ class Logger:
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     cfg = parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":  # torchrun sets OMP_NUM_THREADS=1; share the cores between the ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        else:
-            torch.cuda.set_device(device)
+    # torchrun's environment -> process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank makes the
+    # others fail instead of hanging; torchrun sets OMP_NUM_THREADS=1, so the cores are shared out explicitly
+    env = init_distributed(timeout_s=600)
+    world, rank, device = env.world_size, env.rank, env.device
     out = Path(cfg.out)
     try:
         tok = M.load_tokenizer(cfg.model)
@@ -535,27 +615,33 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     model.train()
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = make_scheduler(optimizer, cfg, total)
+    zero = isinstance(optimizer, ZeroOptimizer)
+    scheduler = make_scheduler(optimizer.optimizer if zero else optimizer, cfg, total)  # ZeRO: its inner AdamW
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     start = 0
     if cfg.resume and complete_checkpoints(out):
         start = complete_checkpoints(out)[-1]
-        load_checkpoint(out, start, model, optimizer, scheduler, device)
+        try:
+            load_checkpoint(out, start, model, optimizer, scheduler, device)
+        except ValueError as e:  # written with/without --zero, or parameter names that don't match
+            sys.exit(f"error: {e}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for d in (out / "checkpoints").glob(".tmp-*"):  # a save killed half-way
             shutil.rmtree(d)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         n_train = sum(p.numel() for p in trainable(model).values())
-        n_all = sum(p.numel() for p in unwrap(model).parameters())
+        n_all = sum(p.numel() for p in model.parameters())  # a prompt wrapper: base + encoder
         print(f"model: {cfg.model} | method {cfg.method} | trainable params: {n_train:,} || all params: "
               f"{n_all:,} || trainable%: {100 * n_train / n_all:.4f} | steps {start}->{total} | world {world}",
               flush=True)
         if start:
             print(f"resumed from {out / 'checkpoints' / f'step-{start}'}", flush=True)
     log = Logger(out, start, rank == 0)
+    # ZeRO-3 gathers each block's weights from all ranks in forward: eval and samples then run on every rank
+    evaluator = rank == 0 or cfg.zero == 3
     prompts = [p for _, kind, p in data.read_records((cfg.eval_data or cfg.data).split(","), True)
-               if kind == "chat"][:cfg.eval_samples] if cfg.eval_every and rank == 0 else []
+               if kind == "chat"][:cfg.eval_samples] if cfg.eval_every and evaluator else []
 
     from tqdm import tqdm
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
@@ -581,23 +667,26 @@ def main(argv=None):
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.log(rec)
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and rank == 0 and eval_ex:
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and evaluator and eval_ex:
             ev = evaluate(model, eval_ex, cfg, device, pad_id)
             samples = [generate(model, tok, p, device, template=cfg.template or None, cfg=cfg) for p in prompts]
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
-            tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
-            for p, s in zip(prompts, samples):
-                q = next((m["content"] for m in reversed(p[:-1]) if m["role"] == "user"), "")
-                tqdm.write(f"  Q: {q[:80]!r}\n  A: {s[:200]!r}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and rank == 0:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep)
+            if rank == 0:
+                tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
+                for p, s in zip(prompts, samples):
+                    q = next((m["content"] for m in reversed(p[:-1]) if m["role"] == "user"), "")
+                    tqdm.write(f"  Q: {q[:80]!r}\n  A: {s[:200]!r}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep, rank)
         if world > 1:
             dist.barrier()
     log.close()
-    if rank == 0:
-        where = save_final(out, model, cfg, tok)
-        plot_loss(out)
-        print(f"saved {where}", flush=True)
+    # ZeRO-3: every rank enters (the gather is a collective) so that rank 0 saves whole weights; else a no-op
+    with gathered_params(optimizer) if cfg.zero == 3 else contextlib.nullcontext():
+        if rank == 0:
+            where = save_final(out, model, cfg, tok)
+            plot_loss(out)
+            print(f"saved {where}", flush=True)
     if world > 1:
         dist.destroy_process_group()
     return out

@@ -14,6 +14,7 @@ Each method module has a config dataclass (`to_json()` / `from_json(d)`), `apply
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch.nn as nn
@@ -84,12 +85,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _quantized(model: nn.Module) -> bool:
+    """Does `model` have NF4 layers (quant/)? If quant.linear was never imported, it can't."""
+    linear = sys.modules.get("quant.linear")
+    return linear is not None and any(isinstance(m, linear.NF4Weight) for m in model.modules())
+
+
 def apply(model: nn.Module, cfg) -> nn.Module:
     """Freeze the base, add the method's parameters, remember cfg as `model.peft_config`. Returns the model to
-    train (the same object for module-replacement methods, a wrapper for prompt methods)."""
+    train (the same object for module-replacement methods, a wrapper for prompt methods). LoRA on a model with
+    NF4 layers is QLoRA (quant/qlora.py: the LoRA wrapper computes its base from the 4-bit weight)."""
     if hasattr(model, "peft_config"):
         raise ValueError(f"model already has a {type(model.peft_config).__name__} applied: one method per model")
-    model = _method(cfg).apply(model, cfg)
+    if _quantized(model):
+        if not isinstance(cfg, LoraConfig):
+            raise ValueError(f"{type(cfg).__name__}: the model has NF4-quantized layers; only LoRA (QLoRA, "
+                             "quant/qlora.py) is supported on a quantized base")
+        from quant import qlora  # imported here: quant/ imports peft
+        model = qlora.apply(model, cfg)
+    else:
+        model = _method(cfg).apply(model, cfg)
     model.peft_config = cfg
     return model
 

@@ -1,0 +1,157 @@
+"""train.py --zero 1|2|3 [--offload] (dist/) end to end under torchrun with 2 gloo ranks: per-step losses, eval loss
+and final weights equal the plain 1-process run with the same global batch; a ZeRO run killed after a checkpoint
+resumes with identical losses; bad flag combinations are one-line errors. Tiny random models."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from tests.tiny import chat_records, make_model, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 8
+COMMON = ["--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmup", "2", "--schedule", "cosine",
+          "--max-grad-norm", "1.0", "--seed", "3", "--max-steps", str(STEPS)]
+LORA = ["--method", "lora", "--lora-r", "4", "--lora-alpha", "8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zero")
+    # tied embeddings: the stage-3 embedding unit must live from the embedding to the chunked loss's lm_head
+    return {"dir": d, "model": str(make_model(d / "m", seed=1, tie_word_embeddings=True)),
+            "data": str(write_jsonl(d / "train.jsonl", chat_records(48, seed=2))),
+            "eval": str(write_jsonl(d / "eval.jsonl", chat_records(6, seed=7)))}
+
+
+def args(s, out, *extra):
+    return ["--model", s["model"], "--data", s["data"], "--out", str(out), *COMMON, *extra]
+
+
+def records(out) -> list[dict]:
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in records(out) if "loss" in r], dtype=torch.float64)
+
+
+def weights(out) -> dict:
+    f = Path(out) / "model" / "model.safetensors"
+    return load_file(str(f if f.exists() else Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def torchrun(argv, patch="", check=True):
+    """train.main(argv) on 2 gloo ranks (a free port for each launch; once more if another process took it)."""
+    script = Path(argv[argv.index("--out") + 1] + ".py")
+    script.write_text("import os, signal, sys, torch; sys.path.insert(0, %r); import train\n%s\ntrain.main(%r)\n"
+                      % (str(REPO), patch, argv))
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if "address already in use" not in r.stderr.lower():
+            break
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
+
+
+def assert_same_run(got, want):
+    """Per-step losses (and eval losses) within 1e-6 relative, final trainable weights within 1e-6."""
+    torch.testing.assert_close(losses(got), losses(want), rtol=1e-6, atol=0)
+    ev = [torch.tensor([r["eval_loss"] for r in records(o) if "eval_loss" in r]) for o in (got, want)]
+    torch.testing.assert_close(ev[0], ev[1], rtol=1e-6, atol=0)
+    a, b = weights(want), weights(got)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_zero2_offload_full_two_ranks_equals_one_process(setup):
+    """Full fine-tuning: 2 ranks x batch 2 with ZeRO-2 + CPU offload == 1 process x batch 4 (plain AdamW)."""
+    d = setup["dir"]
+    train.main(args(setup, d / "plain-full", "--method", "full", "--batch-size", "4"))
+    torchrun(args(setup, d / "z2", "--method", "full", "--batch-size", "2", "--zero", "2", "--offload"))
+    assert len(losses(d / "z2")) == STEPS and losses(d / "z2")[-1] < losses(d / "z2")[0]
+    assert_same_run(d / "z2", d / "plain-full")
+
+
+KILL_AFTER_SAVE_4 = """
+orig = train.save_checkpoint
+def save(out, step, *a, **k):
+    orig(out, step, *a, **k)
+    if step == 4:
+        torch.distributed.barrier()  # rank 0 has renamed step-4 into place
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save
+"""
+
+
+def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
+    """LoRA with ZeRO-3 (frozen base not sharded, LoRA weights sharded per block), eval on every rank: killed
+    right after the step-4 checkpoint, resumed to step 8: the 8 losses, the eval losses and the adapter equal
+    the uninterrupted plain 1-process run."""
+    d = setup["dir"]
+    ev = ["--eval-data", setup["eval"], "--eval-every", "4", "--eval-samples", "1", "--save-every", "4"]
+    train.main(args(setup, d / "plain-lora", *LORA, *ev, "--batch-size", "4"))
+    zero3 = args(setup, d / "z3", *LORA, *ev, "--batch-size", "2", "--zero", "3")
+    r = torchrun(zero3, patch=KILL_AFTER_SAVE_4, check=False)
+    assert r.returncode != 0 and train.complete_checkpoints(d / "z3") == [4], r.stderr[-3000:]
+    assert sorted(p.name for p in (d / "z3" / "checkpoints" / "step-4").iterdir()) == [
+        "state.pt", "trainer_state.json", "zero.safetensors"]
+    torchrun(zero3 + ["--resume"])
+    assert train.complete_checkpoints(d / "z3") == [4, 8]
+    assert_same_run(d / "z3", d / "plain-lora")
+    # a ZeRO checkpoint resumed without --zero: one line, no traceback
+    with pytest.raises(SystemExit, match=r"^error: .*step-8: written with --zero; resume it with --zero too$"):
+        train.main(args(setup, d / "z3", *LORA, "--batch-size", "4", "--resume"))
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--zero", "5"], "error: --zero 5: expected 0 (plain data parallel), 1, 2 or 3"),
+    (["--offload"], "error: --offload needs --zero 1, 2 or 3"),
+    (["--zero", "2", "--precision", "fp16"], "error: --zero: use --precision bf16 or fp32"),
+    (["--zero", "3", "--method", "prompt"], "error: --zero 3 shards the decoder's blocks"),
+])
+def test_bad_zero_flags_are_one_line_errors(setup, tmp_path, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        train.main(args(setup, tmp_path / "bad", *extra))
+    assert str(e.value.code).startswith(msg) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method,zero", [
+    (["--method", "ptuning", "--num-virtual-tokens", "4", "--ptuning-encoder", "lstm", "--lr", "1e-2"], "1"),
+    (["--method", "qlora", "--lora-r", "4", "--lora-alpha", "8"], "2"),
+    (LORA + ["--merge"], "3"),
+], ids=["ptuning-lstm-zero1", "qlora-zero2", "lora-merge-zero3"])
+def test_zero_one_process_prompt_wrapper_qlora_merge(setup, method, zero):
+    """The ZeRO optimizer over a prompt-method wrapper's encoder (trainable names `encoder.*`), over QLoRA's
+    adapters on an NF4 base, and stage 3 LoRA with --merge (merged inside gathered_params), in one process: the
+    same losses and adapter / merged model as plain AdamW."""
+    d = setup["dir"]
+    name = method[1] + zero
+    train.main(args(setup, d / f"plain-{name}", *method, "--batch-size", "4"))
+    train.main(args(setup, d / f"zero-{name}", *method, "--batch-size", "4", "--zero", zero))
+    assert losses(d / f"zero-{name}")[-1] < losses(d / f"zero-{name}")[0]
+    assert_same_run(d / f"zero-{name}", d / f"plain-{name}")
