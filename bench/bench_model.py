@@ -9,12 +9,9 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,9 +24,10 @@ if side == "ours":
     sys.path.insert(0, sys.argv[7])
     from model import load_pretrained
     model = load_pretrained(model_dir).train()
-    def loss_fn(ids):
+    def loss_fn(ids):  # the same loss as HF's labels=ids: shift the labels (not the logits), pad with -100
         logits = model(ids)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 else:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
