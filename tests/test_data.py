@@ -20,14 +20,8 @@ MULTI_TURN = {"conversations": [
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5",
           "history": [["Hi", "Hello!"]]}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):

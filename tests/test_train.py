@@ -20,14 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--batch-size", "4", "--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmup", "3",
           "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", "3"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -21,12 +21,7 @@ COMMON = ["--batch-size", "4", "--seq-len", "256", "--schedule", "constant", "--
           "--max-steps", "6"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ COMMON = ["--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmu
 LORA = ["--method", "lora", "--lora-r", "4", "--lora-alpha", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
