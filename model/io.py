@@ -34,7 +34,8 @@ def read_config(path) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path, allow_bin: bool = False) -> list[Path] | None:
+    """The safetensors files to read; None for a pickle-only dir when allow_bin (the caller reads the .bin)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -48,6 +49,8 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        if allow_bin:
+            return None
         raise CheckpointError(
             f"{path}: only pickle weights (pytorch_model.bin), refused by default; convert them once with "
             f"`python -m model.io --convert-bin {path}` (torch.load(weights_only=True) + safetensors)")
@@ -103,15 +106,13 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", allow_bin: bool = F
         from .gguf import load_gguf
         return load_gguf(path, dtype=dtype, device=device)[0]
     cfg = read_config(path)
-    try:
-        files = _weight_files(path)
+    files = _weight_files(path, allow_bin)
+    if files is None:
+        sd = {k: v.to(device) for k, v in _read_bin(path, dtype).items()}
+    else:
         sd = {}
         for f in files:
             sd.update(_read_safetensors(f, dtype, device))
-    except CheckpointError:
-        if not allow_bin:
-            raise
-        sd = {k: v.to(device) for k, v in _read_bin(path, dtype).items()}
     with torch.device("meta"):
         model = Transformer(cfg)
     load_state_dict_into(model, sd, str(path))

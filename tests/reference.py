@@ -74,19 +74,3 @@ def make_hf_model(workdir, config: dict, dtype: str = "float32", seed: int = 0) 
     """, workdir)
     return out
 
-
-def hf_logits(workdir, model_dir: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              extra: str = "") -> torch.Tensor:
-    """Logits of transformers' AutoModelForCausalLM on model_dir (fp32)."""
-    inputs = {"input_ids": input_ids}
-    if attention_mask is not None:
-        inputs["attention_mask"] = attention_mask
-    out = run_reference(f"""
-        from transformers import AutoModelForCausalLM
-        x = load_file("in.safetensors")
-        model = AutoModelForCausalLM.from_pretrained("{model_dir}", dtype=torch.float32, {extra}).eval()
-        with torch.no_grad():
-            logits = model(**x).logits
-        save_file({{"logits": logits.contiguous()}}, "out.safetensors")
-    """, workdir, inputs)
-    return out["logits"]
