@@ -126,6 +126,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:  # the same maths in one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -232,8 +234,31 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(h, d, bias=b)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, recompute: bool = False):
+        g, u = self.gate_proj(x), self.up_proj(x)           # (B, T, intermediate)
+        if self.act is not F.silu:
+            return self.down_proj(self.act(g) * u)
+        h = SiluMul.apply(g, u)
+        with RecomputeSaved(h, SiluMul.apply, g, u, enabled=recompute):  # SiluMul keeps g and u anyway
+            return self.down_proj(h)
+
+
+class SiluMul(torch.autograd.Function):
+    """SwiGLU's h = silu(g) * u (Shazeer 2020), saving only g and u for backward: autograd on the two ops
+    would also keep silu(g), one more (B, T, intermediate) tensor per layer. With s = sigmoid(g):
+        dh/du = g s,   dh/dg = u s (1 + g (1 - s))"""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        # aten's fused silu_backward computes dh_g * s (1 + g (1 - s)) in one pass (in fp32 for bf16/fp16)
+        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
+        return dg, dh * F.silu(g) if ctx.needs_input_grad[1] else None
 
 
 class Block(nn.Module):
@@ -244,9 +269,48 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, prefix_kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, prefix_kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, prefix_kv=None, recompute: bool = False):
+        """recompute: keep the normed inputs of the projections and SwiGLU's product out of the saved
+        activations (RecomputeSaved); off under gradient checkpointing, which recomputes everything."""
+        h = self.input_layernorm(x)
+        with RecomputeSaved(h, self.input_layernorm, x, enabled=recompute):
+            x = x + self.self_attn(h, cos, sin, mask, cache, prefix_kv)
+        h = self.post_attention_layernorm(x)
+        with RecomputeSaved(h, self.post_attention_layernorm, x, enabled=recompute):
+            return x + self.mlp(h, recompute)
+
+
+class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Selective activation recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models"): inside this context, an op that saves `out` for backward keeps the recipe
+    fn(*inputs) instead, and `out` is recomputed (bit-identically: same ops, same autocast state) when backward
+    needs it. It pays when the inputs are kept for backward anyway (RMSNorm keeps x, SiluMul keeps g and u), so
+    a (B, T, D) or (B, T, intermediate) tensor per use is saved for a cheap elementwise pass."""
+
+    def __init__(self, out, fn, *inputs, enabled: bool = True):
+        dev = out.device.type
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        # detached: a graph-connected input would make a cycle (input -> graph -> this hook -> input) that
+        # passes through C++ autograd nodes, which Python's gc cannot break, leaking a graph never backpropagated
+        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+        # only out's address, never `out` itself: autograd keeps the hooks as long as what they saved
+        key = (out.data_ptr(), out.numel(), out.dtype) if enabled and torch.is_grad_enabled() \
+            and out.is_contiguous() else None
+
+        def pack(t):
+            if key == (t.data_ptr(), t.numel(), t.dtype) and t.is_contiguous():
+                return t.shape                        # `out` or a contiguous view of it: keep the recipe only
+            # anything else as is, but detached: a node's own saved output returned with its grad_fn would
+            # make the same kind of uncollectable cycle (node -> saved value -> grad_fn = node)
+            return t.detach()
+
+        def unpack(t):
+            if isinstance(t, torch.Size):
+                with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+                    return fn(*inputs).view(t)
+            return t
+
+        super().__init__(pack, unpack)
 
 
 class Decoder(nn.Module):
@@ -295,6 +359,7 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.recompute_saved = True  # Block.forward's recompute: False keeps every activation
         self.tie_weights()
 
     def tie_weights(self):
@@ -334,7 +399,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, pkv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, pkv)
+                x = layer(x, cos, sin, mask, cache, pkv, recompute=self.recompute_saved)
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 

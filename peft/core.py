@@ -47,6 +47,10 @@ class LinearWrapper(nn.Module):
         """W as a dense tensor (out, in): overridden by QLoRA to dequantize."""
         return self.weight
 
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W in the dtype a matmul runs in: overridden by QLoRA to dequantize straight to it."""
+        return self.weight.to(dtype)
+
 
 def matches(name: str, targets) -> bool:
     """HF PEFT's rule: a str is a regex over the full module name, a list entry a full name or a name suffix."""

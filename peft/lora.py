@@ -96,9 +96,15 @@ class LoraLinear(core.LinearWrapper):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
 
     def forward(self, x):
-        result = self.base_forward(x)
         if self.merged:
-            return result
+            return self.base_forward(x)
+        if not self.weight.requires_grad:  # a frozen base (dense or QLoRA's NF4): the fused function
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+            return LoraFunction.apply(x, xd, self.bias, self.lora_A.weight, self.lora_B.weight, self,
+                                      self.scaling, dtype)
+        result = self.base_forward(x)  # a base weight that trains too
         x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return result + (self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
 
@@ -113,6 +119,54 @@ class LoraLinear(core.LinearWrapper):
             with torch.no_grad():
                 self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
+
+
+class LoraFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x_d A^T) B^T for a frozen W, with a hand-written backward (same maths as autograd's
+    on the unfused ops, fewer passes over (N, out) tensors):
+        g_x = g W + s (g B) A      (the s (g B) A term goes to x_d when dropout makes it a separate tensor)
+        g_A = s (g B)^T x_d        g_B = s (x_d A^T)^T g  (transposed)
+    Saved for backward: x_d (x itself without dropout: the same tensor the next linear keeps) and the (N, r)
+    product x_d A^T; never the (N, out) output. W comes from layer.compute_weight(dtype) in forward and again in
+    backward (free for a dense W; QLoRA dequantizes twice rather than keep a full-precision copy). Matmuls run in
+    `dtype` (the autocast dtype, else x's)."""
+
+    @staticmethod
+    def forward(ctx, x, xd, bias, A, B, layer, s: float, dtype):
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)                        # (N, in)
+            xd2 = x2 if xd is None else xd.reshape(-1, shape[-1]).to(dtype)
+            w, a, b = layer.compute_weight(dtype), A.to(dtype), B.to(dtype)
+            xa = xd2 @ a.t()                                                # (N, r)
+            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            y.addmm_(xa, b.t(), alpha=s)                                    # (N, out)
+        ctx.save_for_backward(x if xd is None else xd, A, B, xa)
+        ctx.layer, ctx.s, ctx.dtype, ctx.separate = layer, s, dtype, xd is not None
+        ctx.has_bias = bias is not None
+        return y.view(*shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, A, B, xa = ctx.saved_tensors
+        s, dtype = ctx.s, ctx.dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(dtype)                           # (N, out)
+        a = A.to(dtype)
+        gb = g2 @ B.to(dtype)                                               # (N, r)
+        gx = gxd = gbias = None
+        if ctx.needs_input_grad[0]:
+            gx = g2 @ ctx.layer.compute_weight(dtype)                       # (N, in)
+            if not ctx.separate:
+                gx.addmm_(gb, a, alpha=s)
+            gx = gx.view(*g.shape[:-1], -1)
+        if ctx.separate and ctx.needs_input_grad[1]:
+            gxd = (s * (gb @ a)).view(*g.shape[:-1], -1)
+        xd2 = xd.reshape(-1, xd.shape[-1]).to(dtype)
+        gA = (gb.t() @ xd2).mul_(s).to(A.dtype)                             # (r, in)
+        gB = (xa.t() @ g2).mul_(s).t().contiguous().to(B.dtype)             # (out, r)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gbias = g2.sum(0)
+        return gx, gxd, gbias, gA, gB, None, None, None
 
 
 class DoraLinear(LoraLinear):

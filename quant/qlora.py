@@ -51,6 +51,9 @@ class QLoraLinear(NF4Weight, LoraLinear):
     def dense_weight(self) -> torch.Tensor:
         return self.dequantize(self.adapter_dtype)
 
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(dtype)  # as NF4LinearFunction: in forward and again in backward
+
     def merge(self):
         raise RuntimeError("QLoRA: merging into 4-bit weights would round the LoRA delta away; use "
                            "quant.qlora.merge_dequantized(model, dtype) for a dense merged model")

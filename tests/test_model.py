@@ -141,3 +141,101 @@ def test_block_diagonal_mask_equals_separate_sequences(hf):
         got = model(packed, attention_mask=mask, position_ids=pos)[0]
         want = torch.cat([model(a[None])[0], model(b[None])[0]])
     assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_backward_equals_autograd(dtype):
+    """SiluMul (saves g and u only) == autograd through F.silu(g) * u, in value and both gradients."""
+    from model.model import SiluMul
+    torch.manual_seed(0)
+    g = (3 * torch.randn(4, 33)).to(dtype).requires_grad_()
+    u = torch.randn(4, 33).to(dtype).requires_grad_()
+    dh = torch.randn(4, 33).to(dtype)
+    y = SiluMul.apply(g, u)
+    ref = torch.nn.functional.silu(g) * u
+    got, want = torch.autograd.grad(y, (g, u), dh), torch.autograd.grad(ref, (g, u), dh)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)  # bf16: one ulp
+    assert torch.equal(y, ref)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("lora,amp", [(False, False), (True, False), (True, True)])
+def test_recompute_saved_gives_identical_gradients(hf, lora, amp):
+    """RecomputeSaved (normed inputs and SwiGLU's product recomputed in backward, not kept) changes no bit of
+    the loss or of any gradient: full fine-tuning (plain nn.Linear saves a 2-D view of its input), LoRA (our
+    fused function), and LoRA under bf16 autocast."""
+    import peft
+    model = load_pretrained(hf[0] / "llama").train()
+    if lora:
+        model = peft.apply(model, peft.LoraConfig(r=4, targets="all-linear"))
+        torch.manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p)
+    ids, mask = _batch()
+    out = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.recompute_saved = recompute
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(ids, attention_mask=mask).float().logsumexp(-1).mean()
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) > 0
+    for n in out[0][1]:
+        assert torch.equal(out[0][1][n], out[1][1][n]), n
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recompute_saved_keeps_no_normed_input(hf, lora, monkeypatch):
+    """With recompute_saved, no tensor kept for backward shares memory with a normed layer input or SwiGLU's
+    product (without it, every one of them is kept)."""
+    import peft
+    from model import model as mm
+    model = load_pretrained(hf[0] / "llama").train()
+    if lora:
+        model = peft.apply(model, peft.LoraConfig(r=4, targets="all-linear"))
+    outs = []  # strong references: their addresses stay unique during the forward
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.input_layernorm.register_forward_hook(lambda m, i, o: outs.append(o)))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: outs.append(o)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, i: outs.append(i[0])))  # silu*u
+    kept = []
+    init = mm.RecomputeSaved.__init__
+
+    def spy(self, out, fn, *inputs, enabled=True):
+        init(self, out, fn, *inputs, enabled=enabled)
+        pack = self.pack_hook
+        self.pack_hook = lambda t: (lambda r: (kept.append(r.untyped_storage().data_ptr())
+                                               if isinstance(r, torch.Tensor) else None, r)[1])(pack(t))
+    monkeypatch.setattr(mm.RecomputeSaved, "__init__", spy)
+    ids, _ = _batch()
+    for recompute in (False, True):
+        outs.clear(), kept.clear()
+        model.recompute_saved = recompute
+        loss = model(ids).float().logsumexp(-1).mean()
+        shared = {o.untyped_storage().data_ptr() for o in outs} & set(kept)
+        assert len(outs) == 3 * len(model.model.layers)
+        assert len(shared) == (0 if recompute else len(outs)), (recompute, len(shared))
+        loss.backward()
+    for h in handles:  # (the hooks would keep graph tensors referenced from the model: a cycle gc can't free)
+        h.remove()
+    outs.clear()
+
+
+def test_forward_without_backward_leaks_nothing(hf):
+    """A graph that is never backpropagated (an abandoned step) is freed with its model: RecomputeSaved's
+    recipes must not form a reference cycle through autograd's C++ nodes, which gc cannot collect."""
+    import gc
+    import weakref
+    import peft
+    model = peft.apply(load_pretrained(hf[0] / "llama").train(), peft.LoraConfig(r=4, targets="all-linear"))
+    ref = weakref.ref(model.model.layers[0].mlp.down_proj.weight)
+    loss = model(_batch()[0]).float().logsumexp(-1).mean()
+    del model, loss
+    gc.collect()
+    assert ref() is None

@@ -1,5 +1,7 @@
 """LoRA / rsLoRA / DoRA proven against HF PEFT on tiny random llama and qwen2 models (reference work for the
 whole module in one subprocess: see tests/peft_cases.py)."""
+import types
+
 import pytest
 import torch
 
@@ -99,3 +101,31 @@ def test_dora_norm_is_detached():
     w = lin.weight + d.delta_weight()
     expected = ((x @ w.T) / w.norm(dim=1)).sum(0)
     assert torch.allclose(d.lora_magnitude_vector.grad, expected.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout,bias,dtype", [(False, False, None), (True, True, None), (False, True, torch.bfloat16),
+                                                (True, False, torch.bfloat16)])
+def test_fused_lora_function_equals_autograd_on_the_plain_ops(dropout, bias, dtype):
+    """LoraFunction's hand-written backward == autograd through F.linear + s * B A x_d (the unfused
+    forward), for the input, the (separate, dropped-out) branch input, A, B and a trainable bias; under bf16
+    autocast both sides run their matmuls in bf16."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    xd = torch.nn.functional.dropout(x, 0.5) if dropout else None
+    w, b = torch.randn(7, 12), (torch.randn(7, requires_grad=True) if bias else None)
+    A, B = torch.randn(3, 12, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    g = torch.randn(2, 5, 7)
+    leaves = [t for t in (x, A, B, b) if t is not None]
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        layer = types.SimpleNamespace(compute_weight=w.to)  # what a LoraLinear gives the function
+        y = peft.lora.LoraFunction.apply(x, xd, b, A, B, layer, 2.0, dtype or torch.float32)
+        ref = torch.nn.functional.linear(x, w, b) + torch.nn.functional.linear(
+            torch.nn.functional.linear(x if xd is None else xd, A), B) * 2.0
+    grads = torch.autograd.grad(y, leaves, g, retain_graph=True)  # the dropout node is shared
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype is None else dict(atol=0.1, rtol=0.02)  # bf16 roundings differ
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
