@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import model as M
+from model.ops import gemm_operand
 from dist import ZeroOptimizer, gathered_params, init_distributed
 from dist import load_checkpoint as zload, save_checkpoint as zsave
 
@@ -210,18 +211,18 @@ class ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, y, chunk: int, dtype):
         with torch.autocast(h.device.type, enabled=False):
-            wc = w.to(dtype)
+            wc = gemm_operand(w, dtype)                                # rounded to dtype, see model.ops
             gh = torch.empty_like(h)                                   # (N, D)
             gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, h.shape[0], chunk):
-                hc, yc = h[i:i + chunk].to(dtype), y[i:i + chunk]
+                hc, yc = gemm_operand(h[i:i + chunk], dtype), y[i:i + chunk]
                 logits = (hc @ wc.T).float()                            # (n, V)
                 lse = torch.logsumexp(logits, -1)                       # (n,)
                 loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
                 g = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
                 g[torch.arange(len(yc), device=g.device), yc] -= 1.0
-                g = g.to(dtype)
+                g = gemm_operand(g, dtype)
                 gh[i:i + chunk] = (g @ wc).to(h.dtype)
                 if gw is not None:
                     gw += (g.T @ hc).float()

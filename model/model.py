@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .ops import RecomputeSaved, SiluMul, attention
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -220,8 +222,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)      # (B, n_kv, S, hd)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=k.shape[1] != q.shape[1])  # (B, nh, T, hd)
+        y = attention(q, k, v, mask)                       # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -243,24 +244,6 @@ class MLP(nn.Module):
             return self.down_proj(h)
 
 
-class SiluMul(torch.autograd.Function):
-    """SwiGLU's h = silu(g) * u (Shazeer 2020), saving only g and u for backward: autograd on the two ops
-    would also keep silu(g), one more (B, T, intermediate) tensor per layer. With s = sigmoid(g):
-        dh/du = g s,   dh/dg = u s (1 + g (1 - s))"""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, dh):
-        g, u = ctx.saved_tensors
-        # aten's fused silu_backward computes dh_g * s (1 + g (1 - s)) in one pass (in fp32 for bf16/fp16)
-        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
-        return dg, dh * F.silu(g) if ctx.needs_input_grad[1] else None
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -278,39 +261,6 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(x)
         with RecomputeSaved(h, self.post_attention_layernorm, x, enabled=recompute):
             return x + self.mlp(h, recompute)
-
-
-class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
-    """Selective activation recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-    Transformer Models"): inside this context, an op that saves `out` for backward keeps the recipe
-    fn(*inputs) instead, and `out` is recomputed (bit-identically: same ops, same autocast state) when backward
-    needs it. It pays when the inputs are kept for backward anyway (RMSNorm keeps x, SiluMul keeps g and u), so
-    a (B, T, D) or (B, T, intermediate) tensor per use is saved for a cheap elementwise pass."""
-
-    def __init__(self, out, fn, *inputs, enabled: bool = True):
-        dev = out.device.type
-        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        # detached: a graph-connected input would make a cycle (input -> graph -> this hook -> input) that
-        # passes through C++ autograd nodes, which Python's gc cannot break, leaking a graph never backpropagated
-        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
-        # only out's address, never `out` itself: autograd keeps the hooks as long as what they saved
-        key = (out.data_ptr(), out.numel(), out.dtype) if enabled and torch.is_grad_enabled() \
-            and out.is_contiguous() else None
-
-        def pack(t):
-            if key == (t.data_ptr(), t.numel(), t.dtype) and t.is_contiguous():
-                return t.shape                        # `out` or a contiguous view of it: keep the recipe only
-            # anything else as is, but detached: a node's own saved output returned with its grad_fn would
-            # make the same kind of uncollectable cycle (node -> saved value -> grad_fn = node)
-            return t.detach()
-
-        def unpack(t):
-            if isinstance(t, torch.Size):
-                with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
-                    return fn(*inputs).view(t)
-            return t
-
-        super().__init__(pack, unpack)
 
 
 class Decoder(nn.Module):

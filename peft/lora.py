@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.ops import gemm_operand
+
 from . import core
 from .core import export_state, import_state  # noqa: F401  (the package's save/load use these)
 
@@ -128,40 +130,40 @@ class LoraFunction(torch.autograd.Function):
         g_A = s (g B)^T x_d        g_B = s (x_d A^T)^T g  (transposed)
     Saved for backward: x_d (x itself without dropout: the same tensor the next linear keeps) and the (N, r)
     product x_d A^T; never the (N, out) output. W comes from layer.compute_weight(dtype) in forward and again in
-    backward (free for a dense W; QLoRA dequantizes twice rather than keep a full-precision copy). Matmuls run in
-    `dtype` (the autocast dtype, else x's)."""
+    backward (free for a dense W; QLoRA dequantizes twice rather than keep a full-precision copy). Operands are
+    rounded to `dtype` (the autocast dtype, else x's) and multiplied where model.ops.gemm_dtype says."""
 
     @staticmethod
     def forward(ctx, x, xd, bias, A, B, layer, s: float, dtype):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, shape[-1]).to(dtype)                        # (N, in)
-            xd2 = x2 if xd is None else xd.reshape(-1, shape[-1]).to(dtype)
-            w, a, b = layer.compute_weight(dtype), A.to(dtype), B.to(dtype)
+            x2 = gemm_operand(x.reshape(-1, shape[-1]), dtype)                 # (N, in)
+            xd2 = x2 if xd is None else gemm_operand(xd.reshape(-1, shape[-1]), dtype)
+            w, a, b = (gemm_operand(t, dtype) for t in (layer.compute_weight(dtype), A, B))
             xa = xd2 @ a.t()                                                # (N, r)
-            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            y = x2 @ w.t() if bias is None else torch.addmm(gemm_operand(bias, dtype), x2, w.t())
             y.addmm_(xa, b.t(), alpha=s)                                    # (N, out)
         ctx.save_for_backward(x if xd is None else xd, A, B, xa)
         ctx.layer, ctx.s, ctx.dtype, ctx.separate = layer, s, dtype, xd is not None
         ctx.has_bias = bias is not None
-        return y.view(*shape[:-1], -1)
+        return y.to(dtype).view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, g):
         xd, A, B, xa = ctx.saved_tensors
         s, dtype = ctx.s, ctx.dtype
-        g2 = g.reshape(-1, g.shape[-1]).to(dtype)                           # (N, out)
-        a = A.to(dtype)
-        gb = g2 @ B.to(dtype)                                               # (N, r)
+        g2 = gemm_operand(g.reshape(-1, g.shape[-1]), dtype)                # (N, out)
+        a = gemm_operand(A, dtype)
+        gb = g2 @ gemm_operand(B, dtype)                                    # (N, r)
         gx = gxd = gbias = None
         if ctx.needs_input_grad[0]:
-            gx = g2 @ ctx.layer.compute_weight(dtype)                       # (N, in)
+            gx = g2 @ gemm_operand(ctx.layer.compute_weight(dtype), dtype)  # (N, in)
             if not ctx.separate:
                 gx.addmm_(gb, a, alpha=s)
-            gx = gx.view(*g.shape[:-1], -1)
+            gx = gx.to(dtype).view(*g.shape[:-1], -1)
         if ctx.separate and ctx.needs_input_grad[1]:
-            gxd = (s * (gb @ a)).view(*g.shape[:-1], -1)
-        xd2 = xd.reshape(-1, xd.shape[-1]).to(dtype)
+            gxd = (s * (gb @ a)).to(dtype).view(*g.shape[:-1], -1)
+        xd2 = gemm_operand(xd.reshape(-1, xd.shape[-1]), dtype)
         gA = (gb.t() @ xd2).mul_(s).to(A.dtype)                             # (r, in)
         gB = (xa.t() @ g2).mul_(s).t().contiguous().to(B.dtype)             # (out, r)
         if ctx.has_bias and ctx.needs_input_grad[2]:

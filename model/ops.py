@@ -1,0 +1,92 @@
+"""The few hand-written pieces under the model's training step: SwiGLU's product with a lean backward, selective
+recomputation of saved activations, and where matrix products run for bf16/fp16 on hardware without them."""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _cpu_half_gemm() -> bool:
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a `dtype` matrix product runs in. A CPU without bf16/fp16 matrix instructions (AMX,
+    AVX512-BF16) emulates half-precision GEMMs ~8x slower than fp32 ones; there the half-precision operands are
+    multiplied in fp32 instead. That computes what a bf16/fp16 GEMM computes (the product of two such numbers is
+    exact in fp32, and the GEMM accumulates in fp32); the caller rounds the result back to `dtype`."""
+    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu" and not _cpu_half_gemm():
+        return torch.float32
+    return dtype
+
+
+def gemm_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to `dtype`, held in the dtype the product runs in (gemm_dtype)."""
+    return t.to(dtype).to(gemm_dtype(dtype, t.device))
+
+
+def attention(q, k, v, mask):
+    """Causal (mask None) or masked SDPA with grouped K/V heads. Under bf16/fp16 autocast on a CPU without
+    half-precision matrix units, the kernel runs in fp32 on rounded operands (see gemm_dtype) and the output is
+    rounded back, instead of CPU's ~3x slower bf16 kernel."""
+    dev = q.device
+    amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    gqa = k.shape[1] != q.shape[1]
+    if amp is not None and gemm_dtype(amp, dev) != amp:
+        with torch.autocast(dev.type, enabled=False):
+            q, k, v = (gemm_operand(t, amp) for t in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=gqa).to(amp)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+class SiluMul(torch.autograd.Function):
+    """SwiGLU's h = silu(g) * u (Shazeer 2020), saving only g and u for backward: autograd on the two ops
+    would also keep silu(g), one more (B, T, intermediate) tensor per layer. With s = sigmoid(g):
+        dh/du = g s,   dh/dg = u s (1 + g (1 - s))"""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        # aten's fused silu_backward computes dh_g * s (1 + g (1 - s)) in one pass (in fp32 for bf16/fp16)
+        dg = torch.ops.aten.silu_backward(dh * u, g) if ctx.needs_input_grad[0] else None
+        return dg, dh * F.silu(g) if ctx.needs_input_grad[1] else None
+
+
+class RecomputeSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Selective activation recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models"): inside this context, an op that saves `out` for backward keeps the recipe
+    fn(*inputs) instead, and `out` is recomputed (bit-identically: same ops, same autocast state) when backward
+    needs it. It pays when the inputs are kept for backward anyway (RMSNorm keeps x, SiluMul keeps g and u), so
+    a (B, T, D) or (B, T, intermediate) tensor per use is saved for a cheap elementwise pass."""
+
+    def __init__(self, out, fn, *inputs, enabled: bool = True):
+        dev = out.device.type
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        # detached: a graph-connected input would make a cycle (input -> graph -> this hook -> input) that
+        # passes through C++ autograd nodes, which Python's gc cannot break, leaking a graph never backpropagated
+        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+        # only out's address, never `out` itself: autograd keeps the hooks as long as what they saved
+        key = (out.data_ptr(), out.numel(), out.dtype) if enabled and torch.is_grad_enabled() \
+            and out.is_contiguous() else None
+
+        def pack(t):
+            if key == (t.data_ptr(), t.numel(), t.dtype) and t.is_contiguous():
+                return t.shape                        # `out` or a contiguous view of it: keep the recipe only
+            # anything else as is, but detached: a node's own saved output returned with its grad_fn would
+            # make the same kind of uncollectable cycle (node -> saved value -> grad_fn = node)
+            return t.detach()
+
+        def unpack(t):
+            if isinstance(t, torch.Size):
+                with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+                    return fn(*inputs).view(t)
+            return t
+
+        super().__init__(pack, unpack)
