@@ -1,18 +1,22 @@
 """train.py's LoRA step vs HF transformers + PEFT: tokens/s, peak RSS and model FLOP utilisation (MFU).
 
-    python bench/bench_train.py [--steps 3] [--warmup 1] [--precisions fp32,bf16] [--model DIR]
+    python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 2] [--precisions fp32,bf16] [--model DIR]
 
 SmolLM2-135M-Instruct, CPU, LoRA r8 alpha16 on all linear layers, B8 x T128, the same token batches for both:
   packed text:        every position is a target (continued pre-training rows)
   prompt-masked SFT:  the first half of each row is label -100 (the prompt)
 Each (implementation, workload, precision) runs in its own process (clean peak RSS; HF's `peft` is imported
-outside the repo, where ours does not shadow it). Step time is the median over --steps after --warmup steps.
+outside the repo, where ours does not shadow it). Step time is the median over --steps after --warmup steps,
+pooled over --rounds processes per side run in alternating order; peak RSS is the largest of a side's rounds.
 MFU = model FLOPs per step / step time / matmul peak. Model FLOPs of a LoRA step = forward + input-gradient
 backward = 2 x forward (frozen weights get no weight gradient; Kaplan et al. 2020), forward = 2 * body params *
 B*T + 2 * vocab * hidden * (trained positions) + causal attention 2 * B * T^2 * heads * head_dim; the useful
 work, the same for both implementations (HF also computes logits at untrained positions: its loss, not work).
 The matmul peak is the best of 2048^3 and the step's largest GEMM shape, measured in the same run.
-bf16 rows are skipped on CPUs without bf16 matrix hardware (AMX / AVX512-BF16), where bf16 runs ~50x slower.
+bf16: HF runs torch's bf16 autocast kernels; nanotune rounds operands to bf16 the same way but, on a CPU without
+bf16 matrix hardware (AMX / AVX512-BF16), multiplies them in fp32 (model/ops.py gemm_dtype), because torch's
+bf16 GEMMs there are emulated and ~40x slower. The bf16 MFU peak is then the fp32 one (what the GEMMs run on).
+An HF bf16 step takes minutes on such a CPU: use e.g. `--precisions bf16 --workloads sft --steps 1`.
 """
 import argparse
 import json
@@ -134,6 +138,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side, in alternating order")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--workloads", default="packed,sft")
@@ -157,22 +162,27 @@ def main():
         a.model = str(default_model())
     import model as M
     mcfg = M.load_pretrained(a.model).cfg
-    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16") if fast_bf16() else None}
+    peaks = {"fp32": matmul_peak("float32")}
+    peaks["bf16"] = matmul_peak("bfloat16") if fast_bf16() else peaks["fp32"]
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; matmul peak fp32 "
-          f"{peaks['fp32']:.0f} GFLOP/s, bf16 " + (f"{peaks['bf16']:.0f} GFLOP/s" if peaks["bf16"] else
-                                                   "n/a (no AMX/AVX512-BF16)"), flush=True)
+          f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s"
+          + ("" if fast_bf16() else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
     print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
-          f"median of {a.steps} steps after {a.warmup} warmup\n")
+          f"median of {a.rounds} x {a.steps} steps after {a.warmup} warmup each\n")
     print("| workload | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for workload in a.workloads.split(","):
         for precision in a.precisions.split(","):
-            if peaks.get(precision) is None:
-                print(f"| {workload} | {precision} | both | skipped: no bf16 matrix hardware | | | | |", flush=True)
-                continue
-            res = {impl: run_worker(impl, a.model, workload, precision, a.steps, a.warmup) for impl in ("hf", "ours")}
+            # rounds in alternating order (hf, ours, ours, hf, ...): a slow spell of a shared machine then hits
+            # both sides; the step time is the median over every timed step of every round
+            runs = {"hf": [], "ours": []}
+            for rnd in range(a.rounds):
+                for impl in ("hf", "ours") if rnd % 2 == 0 else ("ours", "hf"):
+                    runs[impl].append(run_worker(impl, a.model, workload, precision, a.steps, a.warmup))
+            res = {impl: {"step_s": statistics.median(t for r in rs for t in r["times"]),
+                          "peak_rss_gb": max(r["peak_rss_gb"] for r in rs)} for impl, rs in runs.items()}
             for impl in ("hf", "ours"):
                 r = res[impl]
                 tps = B * T / r["step_s"]
