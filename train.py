@@ -236,8 +236,11 @@ class ChunkedCE(torch.autograd.Function):
         return gh * grad_out, None if gw is None else (gw * grad_out).to(ctx.w_dtype), None, None, None
 
 
-def loss_sum(model, batch, device, chunk: int = 1024):
-    """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar)."""
+def loss_sum(model, batch, device, chunk: int = 256):
+    """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar).
+    chunk: positions per (chunk, vocab) logits block. 256 (50 MB for a 49k vocab): the block is the forward's
+    peak-memory transient (SmolLM2 B8xT128 packed, peak RSS 2.47 GB with 1024, 2.24 GB with 256), at ~2% of step
+    time on a CPU."""
     labels = batch["labels"].to(device)
     hidden = model(batch["input_ids"].to(device), attention_mask=_to(batch["attention_mask"], device),
                    position_ids=_to(batch["position_ids"], device), hidden_only=True)   # (B, T, D)

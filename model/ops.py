@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 @functools.cache
 def _cpu_half_gemm() -> bool:
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    try:  # private torch helpers (present since torch 2.3); without them, assume no bf16 matrix unit
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:
+        return False
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
