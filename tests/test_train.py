@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 import train
 from tests.reference import run_reference
-from tests.tiny import chat_records, make_model, write_jsonl
+from tests.tiny import chat_records, run_inputs, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--batch-size", "4", "--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmup", "3",
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    return {"dir": d, "model": str(make_model(d / "m", seed=1)),
-            "data": str(write_jsonl(d / "train.jsonl", chat_records(48, seed=2)))}
+    return run_inputs(tmp_path_factory.mktemp("train"), 48)
 
 
 def args(s, out, *extra, method="full"):

@@ -13,7 +13,7 @@ import torch
 import model as M
 import peft
 import train
-from tests.tiny import chat_records, make_model, write_jsonl
+from tests.tiny import run_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 # 4 records = one global batch of 4: every step sees the same batch, so the loss must go down
@@ -26,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("methods")
-    return {"dir": d, "model": str(make_model(d / "m", seed=1)),
-            "data": str(write_jsonl(d / "train.jsonl", chat_records(4, seed=2)))}
+    return run_inputs(tmp_path_factory.mktemp("methods"), 4)
 
 
 IDS = torch.tensor([[1, 40, 50, 60, 70, 80, 90, 2], [1, 45, 55, 65, 75, 85, 95, 2]])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from tests.tiny import chat_records, make_model, write_jsonl
+from tests.tiny import chat_records, run_inputs, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -29,8 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("zero")
     # tied embeddings: the stage-3 embedding unit must live from the embedding to the chunked loss's lm_head
-    return {"dir": d, "model": str(make_model(d / "m", seed=1, tie_word_embeddings=True)),
-            "data": str(write_jsonl(d / "train.jsonl", chat_records(48, seed=2))),
+    return {**run_inputs(d, 48, tie_word_embeddings=True),
             "eval": str(write_jsonl(d / "eval.jsonl", chat_records(6, seed=7)))}
 
 

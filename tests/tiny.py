@@ -60,6 +60,12 @@ def write_jsonl(path, records) -> Path:
     return path
 
 
+def run_inputs(d, n_records: int, **model_over) -> dict:
+    """What a tiny train.py run needs in directory d: {"dir", "model" (seed 1), "data" (n chat records, seed 2)}."""
+    return {"dir": d, "model": str(make_model(d / "m", seed=1, **model_over)),
+            "data": str(write_jsonl(d / "train.jsonl", chat_records(n_records, seed=2)))}
+
+
 def chat_records(n: int, seed: int = 0) -> list[dict]:
     """n sharegpt/alpaca/messages records of varied (uneven) lengths."""
     g = torch.Generator().manual_seed(seed)
