@@ -206,7 +206,8 @@ def trainable(model) -> dict[str, nn.Parameter]:
 class ChunkedCE(torch.autograd.Function):
     """sum_i CE(W h_i, y_i) over N selected positions, in chunks. The gradient of each chunk,
     dL/dlogits = softmax(logits) - onehot(y), is turned into dL/dh (and dL/dW) right away, so only (N, D) and
-    (V, D) tensors are kept for backward, never (N, V) logits. Matmuls run in `dtype` (the autocast dtype)."""
+    (V, D) tensors are kept for backward, never (N, V) logits. Operands are rounded to `dtype` (the autocast dtype)
+    and multiplied where model.ops.gemm_dtype says (fp32 on a CPU without bf16 units); logits are fp32."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk: int, dtype):
