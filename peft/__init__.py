@@ -7,75 +7,66 @@
     m = peft.load_adapter(model.load_pretrained(base_dir), "out/adapter")   # ours or PEFT-written
     peft.merge(m)   # fold the update into the base weights (methods that allow it)
 
-Each method module has a config dataclass (`to_json()` / `from_json(d)`), `apply(model, cfg)`,
-`export_state(model)` / `import_state(model, sd, source)` and, where the method allows, `merge` / `unmerge` /
-`unload`. This file dispatches on the config's type with a plain isinstance chain.
+Each PEFT method is one module, listed in the method table `MODULES` below, and every lookup is derived from
+that tuple (adapter_config.json's peft_type, train.py's --method names and flags). A method module has:
+  CONFIGS             its config dataclass(es), each with `peft_type` (adapter_config.json), `methods` (train.py's
+                      --method names -> the fields they preset), `flags` (train.py flag -> field),
+                      `to_json()` / `from_json(d, source)`
+  apply(model, cfg)   freeze the base, add the method's parameters (in place, or return a wrapper)
+  export_state(model) / import_state(model, sd, source)   the adapter tensors under PEFT's keys
+  merge / unmerge / unload (optional)   fold the update into the base weights, undo, drop the wrappers
+  save_extra / load_extra (optional)    files kept beside PEFT's two
 """
 import json
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt
+from model.atomic import atomic_dir
+
+from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
+from .core import parse_targets
 from .ia3 import IA3Config
 from .llama_adapter import LlamaAdapterConfig
 from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "PTuningConfig",
-           "PrefixConfig", "PromptConfig", "apply", "config_from_json", "load_adapter", "merge", "merge_and_unload",
-           "save_adapter", "trainable_summary", "unmerge", "unwrap"]
+__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
+           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "config_from_json", "load_adapter", "merge",
+           "merge_and_unload", "method_configs", "parse_targets", "save_adapter", "trainable_summary", "unmerge",
+           "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+# The method table. A new method is a new module in this folder plus its name here (and in the import above).
+MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter)
 
 
 def _method(cfg):
     """The module that implements `cfg`'s method."""
-    if isinstance(cfg, LoraConfig):  # LoRA, rsLoRA and DoRA
-        return lora
-    if isinstance(cfg, IA3Config):
-        return ia3
-    if isinstance(cfg, BitFitConfig):
-        return bitfit
-    if isinstance(cfg, AdapterConfig):
-        return adapters
-    if isinstance(cfg, (PromptConfig, PTuningConfig)):  # prompt tuning and P-tuning
-        return prompt
-    if isinstance(cfg, PrefixConfig):
-        return prefix
-    if isinstance(cfg, LlamaAdapterConfig):
-        return llama_adapter
+    for m in MODULES:
+        if isinstance(cfg, m.CONFIGS):
+            return m
     raise TypeError(f"not a PEFT config: {type(cfg).__name__}")
+
+
+def method_configs() -> dict[str, tuple[type, dict]]:
+    """train.py's --method names -> (config class, the fields that name presets), e.g. "dora" -> (LoraConfig,
+    {"targets": "all-linear", "dora": True})."""
+    return {name: (cls, preset) for m in MODULES for cls in m.CONFIGS for name, preset in cls.methods.items()}
 
 
 def config_from_json(d: dict, source: str = CONFIG_FILE):
     """adapter_config.json dict -> our config dataclass, by its peft_type."""
+    by_type = {cls.peft_type: cls for m in MODULES for cls in m.CONFIGS}
     t = d.get("peft_type")
-    if t == "LORA":
-        return LoraConfig.from_json(d, source)
-    if t == "IA3":
-        return IA3Config.from_json(d, source)
-    if t == "BITFIT":  # nanotune's own format
-        return BitFitConfig.from_json(d, source)
-    if t == "BOTTLENECK":  # nanotune's own format
-        return AdapterConfig.from_json(d, source)
-    if t == "PROMPT_TUNING":
-        return PromptConfig.from_json(d, source)
-    if t == "P_TUNING":
-        return PTuningConfig.from_json(d, source)
-    if t == "PREFIX_TUNING":
-        return PrefixConfig.from_json(d, source)
-    if t == "ADAPTION_PROMPT":  # LLaMA-Adapter
-        return LlamaAdapterConfig.from_json(d, source)
-    raise ValueError(f"{source}: unknown peft_type {t!r} (supported: LORA, IA3, BITFIT, BOTTLENECK, PROMPT_TUNING, "
-                     "P_TUNING, PREFIX_TUNING, ADAPTION_PROMPT)")
+    if t not in by_type:
+        raise ValueError(f"{source}: unknown peft_type {t!r} (supported: {', '.join(by_type)})")
+    return by_type[t].from_json(d, source)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,26 +76,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _quantized(model: nn.Module) -> bool:
-    """Does `model` have NF4 layers (quant/)? If quant.linear was never imported, it can't."""
-    linear = sys.modules.get("quant.linear")
-    return linear is not None and any(isinstance(m, linear.NF4Weight) for m in model.modules())
-
-
 def apply(model: nn.Module, cfg) -> nn.Module:
     """Freeze the base, add the method's parameters, remember cfg as `model.peft_config`. Returns the model to
-    train (the same object for module-replacement methods, a wrapper for prompt methods). LoRA on a model with
-    NF4 layers is QLoRA (quant/qlora.py: the LoRA wrapper computes its base from the 4-bit weight)."""
+    train (the same object for module-replacement methods, a wrapper for prompt methods). A layer that computes
+    its weight its own way (quant/'s NF4 layers) is asked first whether it takes this method (core.wrapper_for):
+    LoRA on an NF4 model is QLoRA, other methods are refused there."""
     if hasattr(model, "peft_config"):
         raise ValueError(f"model already has a {type(model.peft_config).__name__} applied: one method per model")
-    if _quantized(model):
-        if not isinstance(cfg, LoraConfig):
-            raise ValueError(f"{type(cfg).__name__}: the model has NF4-quantized layers; only LoRA (QLoRA, "
-                             "quant/qlora.py) is supported on a quantized base")
-        from quant import qlora  # imported here: quant/ imports peft
-        model = qlora.apply(model, cfg)
-    else:
-        model = _method(cfg).apply(model, cfg)
+    for m in model.modules():
+        if hasattr(m, "peft_wrapper"):
+            m.peft_wrapper(cfg)  # raises for a method the layer can't take
+    model = _method(cfg).apply(model, cfg)
     model.peft_config = cfg
     return model
 
@@ -124,27 +106,17 @@ def _config(model):
 
 
 def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> Path:
-    """Write adapter_config.json (full hyper-parameters + base model path) and adapter_model.safetensors.
-    Written to a temporary directory and renamed into place, so a crash never leaves a half-written adapter."""
+    """Write adapter_config.json (full hyper-parameters + base model path) and adapter_model.safetensors,
+    atomically (model/atomic.py): a crash never leaves a half-written adapter."""
     cfg, path = _config(model), Path(path)
     if base_model_path is not None:
         cfg.base_model_name_or_path = str(base_model_path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
-    save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    if hasattr(_method(cfg), "save_extra"):  # files beside PEFT's, e.g. the P-tuning encoder (peft/prompt.py)
-        _method(cfg).save_extra(model, tmp)
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+        sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
+        save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if hasattr(_method(cfg), "save_extra"):  # files beside PEFT's, e.g. the P-tuning encoder (peft/prompt.py)
+            _method(cfg).save_extra(model, tmp)
     return path
 
 

@@ -31,6 +31,9 @@ DEFAULT_ACTIVATION = {"houlsby": "silu", "pfeiffer": "relu"}
 
 @dataclass
 class AdapterConfig:
+    peft_type = "BOTTLENECK"
+    methods = {"adapter": {}}                     # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"adapter_kind": "kind", "adapter_reduction": "reduction_factor", "adapter_activation": "activation"}
     kind: str = "houlsby"             # "houlsby" (after attention and MLP) | "pfeiffer" (after MLP only)
     reduction_factor: int = 16        # bottleneck width = hidden_size // reduction_factor
     activation: str | None = None     # None: silu (houlsby) / relu (pfeiffer)
@@ -46,7 +49,7 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
     def to_json(self) -> dict:
-        return {"peft_type": "BOTTLENECK", "kind": self.kind, "reduction_factor": self.reduction_factor,
+        return {"peft_type": self.peft_type, "kind": self.kind, "reduction_factor": self.reduction_factor,
                 "activation": self.activation, "base_model_name_or_path": self.base_model_name_or_path}
 
     @classmethod
@@ -82,8 +85,12 @@ class AdapterLinear(core.LinearWrapper):
         return y + self.adapter_up(self.act(self.adapter_down(h))).to(y.dtype)
 
 
+CONFIGS = (AdapterConfig,)
+
+
 def apply(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     for name in core.find_targets(model, HOOKS[cfg.kind], "AdapterConfig"):
-        core.replace_module(model, name, AdapterLinear.from_module(model.get_submodule(name), cfg))
+        module = model.get_submodule(name)
+        core.replace_module(model, name, core.wrapper_for(module, cfg, AdapterLinear).from_module(module, cfg))
     core.freeze(model)
     return model

@@ -32,11 +32,14 @@ BIAS_FLAGS = {"llama": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj
 
 @dataclass
 class BitFitConfig:
+    peft_type = "BITFIT"
+    methods = {"bitfit": {}}                      # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"bitfit_targets": "targets"}         # train.py flag -> field
     targets: list[str] | str | None = None  # linears given a new zero bias if they have none; None: only existing
     base_model_name_or_path: str | None = None
 
     def to_json(self) -> dict:
-        return {"peft_type": "BITFIT", "targets": self.targets,
+        return {"peft_type": self.peft_type, "targets": self.targets,
                 "base_model_name_or_path": self.base_model_name_or_path}
 
     @classmethod
@@ -47,6 +50,9 @@ class BitFitConfig:
 def _new_bias(lin: nn.Linear, requires_grad: bool) -> nn.Parameter:
     return nn.Parameter(torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype),
                         requires_grad=requires_grad)
+
+
+CONFIGS = (BitFitConfig,)
 
 
 def apply(model: nn.Module, cfg: BitFitConfig) -> nn.Module:

@@ -81,6 +81,21 @@ def find_targets(model: nn.Module, targets, what: str = "targets") -> list[str]:
     return out
 
 
+def parse_targets(s: str):
+    """A targets string as train.py's flags give it: "" -> None (the method's default), "all-linear" or a regex as
+    is, else comma-separated module names -> a list."""
+    if not s or s == "all-linear" or ("," not in s and any(c in s for c in "^$.*+?[]()|\\")):
+        return s or None
+    return s.split(",")
+
+
+def wrapper_for(module: nn.Module, cfg, cls: type) -> type:
+    """The wrapper class that replaces `module`: `cls`, unless the layer computes its weight its own way and says
+    which wrapper it takes through a `peft_wrapper(cfg)` method (quant/'s NF4 layers answer QLoRA's wrapper for
+    LoRA and refuse other methods). peft/ asks the layer; it never imports the quantization code."""
+    return module.peft_wrapper(cfg) if hasattr(module, "peft_wrapper") else cls
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -26,12 +26,15 @@ DEFAULT_FEEDFORWARD = ["down_proj"]
 
 @dataclass
 class IA3Config:
+    peft_type = "IA3"
+    methods = {"ia3": {}}                         # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"ia3_targets": "targets", "ia3_feedforward": "feedforward"}   # train.py flag -> field
     targets: list[str] | str | None = None       # None: PEFT's default for the model type
     feedforward: list[str] | str | None = None   # targets whose input is scaled; None: ["down_proj"]
     base_model_name_or_path: str | None = None
 
     def to_json(self) -> dict:
-        return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": self.targets,
+        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "target_modules": self.targets,
                 "feedforward_modules": self.feedforward, "fan_in_fan_out": False, "init_ia3_weights": True,
                 "modules_to_save": None, "inference_mode": True,
                 "base_model_name_or_path": self.base_model_name_or_path}
@@ -82,6 +85,9 @@ class IA3Linear(core.LinearWrapper):
             self.merged = False
 
 
+CONFIGS = (IA3Config,)
+
+
 def apply(model: nn.Module, cfg: IA3Config) -> nn.Module:
     if cfg.targets is None:  # resolved here so adapter_config.json records the real list
         cfg.targets = DEFAULT_TARGETS.get(core.model_type(model), DEFAULT_TARGETS["llama"])
@@ -93,7 +99,8 @@ def apply(model: nn.Module, cfg: IA3Config) -> nn.Module:
         raise ValueError(f"IA3Config.feedforward {cfg.feedforward} must be a subset of the targets {cfg.targets}")
     for name in names:
         module = model.get_submodule(name)
-        core.replace_module(model, name, IA3Linear.from_module(module, cfg, feedforward=name in ff))
+        cls = core.wrapper_for(module, cfg, IA3Linear)
+        core.replace_module(model, name, cls.from_module(module, cfg, feedforward=name in ff))
     core.freeze(model)
     return model
 

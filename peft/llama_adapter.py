@@ -33,6 +33,8 @@ class LlamaAdapterConfig:
     target_modules: str = "self_attn"    # the only attention module name of our model (PEFT's default for llama)
     base_model_name_or_path: str | None = None
     peft_type = "ADAPTION_PROMPT"
+    methods = {"llama_adapter": {}}               # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"adapter_len": "adapter_len", "adapter_layers": "adapter_layers"}
 
     def __post_init__(self):
         check_positive("LlamaAdapterConfig", adapter_len=self.adapter_len, adapter_layers=self.adapter_layers)
@@ -102,6 +104,9 @@ def _layers(model, cfg: LlamaAdapterConfig):
     if cfg.adapter_layers > n:
         raise ValueError(f"LlamaAdapterConfig: adapter_layers={cfg.adapter_layers} exceeds the model's {n} layers")
     return model.model.layers[n - cfg.adapter_layers:]
+
+
+CONFIGS = (LlamaAdapterConfig,)
 
 
 def apply(model, cfg: LlamaAdapterConfig):

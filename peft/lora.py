@@ -36,6 +36,13 @@ UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "layers_pattern", "rank_
 
 @dataclass
 class LoraConfig:
+    peft_type = "LORA"
+    # train.py: the --method names that build this config with the fields they preset (train.py targets every
+    # linear layer by default), and the flags that set fields (flag -> field; a [lora] TOML table takes fields)
+    methods = {"lora": {"targets": "all-linear"}, "dora": {"targets": "all-linear", "dora": True}}
+    flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
+             "lora_rslora": "rslora", "lora_init": "init"}
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -58,7 +65,7 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
     def to_json(self) -> dict:
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "target_modules": self.targets, "use_rslora": self.rslora,
                 "use_dora": self.dora, "init_lora_weights": True if self.init == "default" else self.init,
                 "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -216,11 +223,16 @@ class DoraLinear(LoraLinear):
             self.merged, self.merged_norm = False, None
 
 
-def apply(model: nn.Module, cfg: LoraConfig, cls: type | None = None) -> nn.Module:
-    """Swap each target linear for a LoraLinear (DoraLinear if cfg.dora; or `cls`, e.g. QLoRA's), freeze the rest."""
-    cls = cls or (DoraLinear if cfg.dora else LoraLinear)
+CONFIGS = (LoraConfig,)
+
+
+def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Swap each target linear for a LoraLinear (DoraLinear if cfg.dora; a quantized layer's own wrapper, e.g.
+    QLoRA's, see core.wrapper_for), freeze the rest."""
     for name in core.find_targets(model, cfg.targets, "LoraConfig.targets"):
-        core.replace_module(model, name, cls.from_module(model.get_submodule(name), cfg))
+        module = model.get_submodule(name)
+        cls = core.wrapper_for(module, cfg, DoraLinear if cfg.dora else LoraLinear)
+        core.replace_module(model, name, cls.from_module(module, cfg))
     core.freeze(model)
     return model
 

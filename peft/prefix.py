@@ -31,6 +31,9 @@ class PrefixConfig:
     num_attention_heads: int | None = None  # n_kv (PEFT's convention for GQA)
     base_model_name_or_path: str | None = None
     peft_type = "PREFIX_TUNING"
+    methods = {"prefix": {}}                      # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"num_virtual_tokens": "num_virtual_tokens", "prefix_projection": "prefix_projection",
+             "encoder_hidden_size": "encoder_hidden_size", "prefix_init_weights": "init_weights"}
 
     def __post_init__(self):
         check_positive("PrefixConfig", num_virtual_tokens=self.num_virtual_tokens,
@@ -92,6 +95,9 @@ class PrefixWrapper(VirtualTokenWrapper):
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         return self.base(input_ids, attention_mask=attention_mask, position_ids=position_ids + self.n_virtual,
                          prefix_kv=self.prefix_kv(B, self.base.dtype), cache=cache, hidden_only=hidden_only)
+
+
+CONFIGS = (PrefixConfig,)
 
 
 def apply(model, cfg: PrefixConfig):

@@ -52,11 +52,15 @@ class PromptConfig:
     num_attention_heads: int | None = None
     base_model_name_or_path: str | None = None
     peft_type = "PROMPT_TUNING"
+    methods = {"prompt": {}}                      # train.py --method name -> preset fields (see LoraConfig)
+    flags = {"num_virtual_tokens": "num_virtual_tokens", "prompt_init": "init", "prompt_init_text": "init_text"}
 
     def __post_init__(self):
         check_positive(type(self).__name__, num_virtual_tokens=self.num_virtual_tokens)
         if self.init not in ("random", "sample_vocab", "text"):
             raise ValueError(f"PromptConfig: init must be random | sample_vocab | text, got {self.init!r}")
+        if self.init == "text" and self.tokenizer_name_or_path is None:  # the base model's own tokenizer
+            self.tokenizer_name_or_path = self.base_model_name_or_path
         if self.init == "text" and not (self.init_text and self.tokenizer_name_or_path):
             raise ValueError("PromptConfig: init='text' needs init_text and tokenizer_name_or_path")
 
@@ -85,6 +89,10 @@ class PTuningConfig:
     num_attention_heads: int | None = None
     base_model_name_or_path: str | None = None
     peft_type = "P_TUNING"
+    methods = {"ptuning": {}}
+    flags = {"num_virtual_tokens": "num_virtual_tokens", "ptuning_encoder": "encoder",
+             "encoder_hidden_size": "encoder_hidden_size", "ptuning_encoder_layers": "encoder_num_layers",
+             "ptuning_encoder_dropout": "encoder_dropout"}
 
     def __post_init__(self):
         check_positive("PTuningConfig", num_virtual_tokens=self.num_virtual_tokens,
@@ -230,6 +238,9 @@ def _init_prompt(base, cfg: PromptConfig) -> torch.Tensor:
             raise ValueError(f"PromptConfig: init_text {cfg.init_text!r} encodes to no tokens")
         ids = torch.tensor((ids * -(-cfg.num_virtual_tokens // len(ids)))[:cfg.num_virtual_tokens])
     return emb.weight.detach()[ids.to(emb.weight.device)].float().clone()
+
+
+CONFIGS = (PromptConfig, PTuningConfig)
 
 
 def apply(model, cfg):

@@ -1,6 +1,6 @@
 """NF4Linear: a frozen linear layer stored as NF4 (+ double quant) at rest, computed in the input's dtype.
 
-Dettmers et al. 2023 (QLoRA), eq. 5:  Y = X · doubleDequant(c1, c2, W_nf4)^T  (+ LoRA, in quant/qlora.py).
+Dettmers et al. 2023 (QLoRA), eq. 5:  Y = X · doubleDequant(c1, c2, W_nf4)^T  (+ s·X·L1·L2: QLoraLinear below).
 The 4-bit weight is never trained, so backward needs only dL/dX = dL/dY · W: the weight is dequantized again in
 backward instead of being saved, so a layer costs ~0.52 bytes/param between steps (0.5 for the codes, 1/64 for
 the 8-bit absmax, 4/(64·256) for the nested absmax) and one full-precision copy only while it runs.
@@ -8,6 +8,8 @@ the 8-bit absmax, 4/(64·256) for the nested absmax) and one full-precision copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from peft.lora import LoraConfig, LoraLinear
 
 from .cuda import dequantize  # our CUDA kernel for CUDA tensors when it builds, else the torch path
 from .nf4 import NF4State, check_state, from_bnb_tensors, quantize_nf4, to_bnb_tensors
@@ -105,9 +107,48 @@ class NF4Linear(NF4Weight, nn.Module):
     def forward(self, x):                                          # x: (..., in)
         return self.nf4_linear(x)
 
+    def peft_wrapper(self, cfg) -> type:
+        """What peft/ asks before wrapping this layer (peft.core.wrapper_for): LoRA becomes QLoRA's wrapper, whose
+        base is computed from the 4-bit weight; other methods can't work on packed 4-bit codes."""
+        if not isinstance(cfg, LoraConfig):
+            raise ValueError(f"{type(cfg).__name__}: the model has NF4-quantized layers; only LoRA (QLoRA, "
+                             "quant/qlora.py) is supported on a quantized base")
+        if cfg.dora:
+            raise ValueError("QLoRA: DoRA over an NF4 base is not supported")
+        return QLoraLinear
+
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}{dq}"
+
+
+class QLoraLinear(NF4Weight, LoraLinear):
+    """QLoRA: a LoraLinear whose base computation is an NF4 linear; `weight` is the packed 4-bit buffer. What
+    NF4Linear.peft_wrapper answers for LoRA, so peft.apply(nf4_model, LoraConfig(...)) is QLoRA."""
+
+    def __init__(self, base: NF4Linear, cfg: LoraConfig):
+        # LoraLinear reads the shape, device and dtype from a dense weight: give it a zero-stride stand-in
+        stand_in = torch.empty(1, dtype=base.weight_dtype, device=base.weight.device)
+        super().__init__(stand_in.expand(base.out_features, base.in_features), base.bias, cfg)
+        del self.weight                                         # a plain attribute: replaced by the NF4 buffer
+        self.set_nf4(base.weight, base.state, "QLoraLinear")
+
+    @classmethod
+    def from_module(cls, module: "NF4Linear", cfg: LoraConfig):
+        return cls(module, cfg)
+
+    def base_forward(self, x):
+        return self.nf4_linear(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dequantize(self.adapter_dtype)
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(dtype)  # as NF4LinearFunction: in forward and again in backward
+
+    def merge(self):
+        raise RuntimeError("QLoRA: merging into 4-bit weights would round the LoRA delta away; use "
+                           "quant.qlora.merge_dequantized(model, dtype) for a dense merged model")
 
 
 def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True) -> nn.Module:

@@ -23,49 +23,16 @@ from safetensors.torch import load_file
 import peft
 from model.model import Transformer
 from peft import lora
-from peft.lora import LoraConfig, LoraLinear
+from peft.lora import LoraConfig
 
 from .checkpoint import load_nf4
-from .linear import NF4Linear, NF4Weight
-
-
-class QLoraLinear(NF4Weight, LoraLinear):
-    """LoraLinear whose base computation is an NF4 linear; `weight` is the packed 4-bit buffer."""
-
-    def __init__(self, base: NF4Linear, cfg: LoraConfig):
-        # LoraLinear reads the shape, device and dtype from a dense weight: give it a zero-stride stand-in
-        stand_in = torch.empty(1, dtype=base.weight_dtype, device=base.weight.device)
-        super().__init__(stand_in.expand(base.out_features, base.in_features), base.bias, cfg)
-        del self.weight                                         # a plain attribute: replaced by the NF4 buffer
-        self.set_nf4(base.weight, base.state, "QLoraLinear")
-
-    @classmethod
-    def from_module(cls, module: nn.Module, cfg: LoraConfig):
-        if isinstance(module, NF4Linear):
-            return cls(module, cfg)
-        return LoraLinear.from_module(module, cfg)              # a target that was left unquantized
-
-    def base_forward(self, x):
-        return self.nf4_linear(x)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.dequantize(self.adapter_dtype)
-
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize(dtype)  # as NF4LinearFunction: in forward and again in backward
-
-    def merge(self):
-        raise RuntimeError("QLoRA: merging into 4-bit weights would round the LoRA delta away; use "
-                           "quant.qlora.merge_dequantized(model, dtype) for a dense merged model")
+from .linear import NF4Weight, QLoraLinear  # noqa: F401  (QLoraLinear: quant.qlora's public name)
 
 
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """LoRA on the NF4 linears (plain LoraLinear on any unquantized target); freezes everything else."""
-    if cfg.dora:
-        raise ValueError("QLoRA: DoRA over an NF4 base is not supported")
-    model = lora.apply(model, cfg, cls=QLoraLinear)
-    model.peft_config = cfg
-    return model
+    """LoRA on the NF4 linears (QLoraLinear; plain LoraLinear on any unquantized target), the rest frozen: the
+    same as peft.apply, whose LoRA asks each NF4 layer for its wrapper (NF4Linear.peft_wrapper)."""
+    return peft.apply(model, cfg)
 
 
 def load_qlora(path, cfg: LoraConfig, dtype=torch.float32, device="cpu", blocksize: int = 64,
