@@ -16,8 +16,11 @@ deps:
 dev-deps: deps
 	@$(PIP) -r requirements-dev.txt
 
+# the default run (README): LoRA on SmolLM2, then the held-out questions answered before and after
 train: deps
-	$(PY) -m data.default_run
+	$(PY) train.py --config data/default/run.toml
+	$(PY) generate.py --adapter runs/default/adapter --prompts data/default/heldout.jsonl --compare-base \
+		--greedy --max-new-tokens 40 > runs/default/before_after.txt && cat runs/default/before_after.txt
 
 test: dev-deps
 	$(PY) -m pytest -q

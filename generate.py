@@ -2,6 +2,7 @@
 
     python generate.py --model DIR|FILE.gguf --prompt "What is the capital of France?" --greedy
     python generate.py --adapter runs/lora/adapter          # interactive chat (no --prompt)
+    python generate.py --adapter runs/lora/adapter --prompts heldout.jsonl --compare-base --greedy
 
 Only the completion goes to stdout; logs go to stderr.
 """
@@ -23,6 +24,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="HF model dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", help="a PEFT adapter dir saved by train.py (or by HF PEFT)")
     ap.add_argument("--prompt", help="one prompt; without it, an interactive chat loop")
+    ap.add_argument("--prompts", help="a file of chats in any format train.py reads: answer each one's conversation "
+                    "up to its first assistant turn")
+    ap.add_argument("--compare-base", action="store_true", help="with --adapter and --prompts: also the base "
+                    "model's answers (before / after)")
     ap.add_argument("--system", help="system message (default: the chat template's own)")
     ap.add_argument("--raw", action="store_true", help="no chat template: complete the prompt text as is")
     ap.add_argument("--template", choices=sorted(BUILTIN_TEMPLATES), help="built-in chat template to use "
@@ -38,7 +43,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def load(args):
+def load(args, adapter: bool = True):
     if args.model is None and args.adapter:  # an adapter remembers the base it was trained on
         import json
         from pathlib import Path
@@ -49,21 +54,50 @@ def load(args):
         args.model = str(default_model())
     model = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
     tok = load_tokenizer(args.model)
-    if args.adapter:
-        import peft
-        model = peft.load_adapter(model, args.adapter)
-        model.eval()
+    if args.adapter and adapter:
+        model = with_adapter(model, args)
     return model, tok
+
+
+def with_adapter(model, args):
+    import peft
+    return peft.load_adapter(model, args.adapter).eval()
+
+
+def answer_file(args, model, tok, temperature, gen):
+    """--prompts: one block per chat record, "Q: <last user turn>" then the answer(s)."""
+    from data import DataError, read_records
+    try:
+        chats = [p for _, kind, p in read_records([args.prompts]) if kind == "chat"]
+    except (DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    chats = [c[:next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))] for c in chats]
+
+    def answers(m):
+        return [tok.decode(generate(m, tok.encode(tok.apply_chat_template(c, add_generation_prompt=True,
+                                                                           template=args.template),
+                                                  add_special_tokens=False),
+                                    args.max_new_tokens, tok.stop_ids, temperature, args.top_k, args.top_p, gen))
+                for c in chats]
+    before = answers(model) if args.compare_base and args.adapter else None
+    after = answers(with_adapter(model, args) if before is not None else model)
+    for i, c in enumerate(chats):
+        q = next((m["content"] for m in reversed(c) if m["role"] == "user"), "")
+        print(f"Q: {q}\n" + (f"  before: {before[i]}\n  after:  {after[i]}\n" if before else f"  A: {after[i]}\n"))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare_base and not (args.adapter and args.prompts):
+        sys.exit("error: --compare-base needs --adapter and --prompts")
     try:
-        model, tok = load(args)
+        model, tok = load(args, adapter=not args.compare_base)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     temperature = 0.0 if args.greedy else args.temperature
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.prompts:
+        return answer_file(args, model, tok, temperature, gen)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(user_text: str, stream) -> str:

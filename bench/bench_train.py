@@ -47,15 +47,16 @@ def worker_ours(model_dir, workload, precision, steps, warmup):
     import torch
     sys.path.insert(0, str(REPO))
     import train
-    cfg = train.TrainConfig(model=model_dir, data="-", method="lora", lora_r=R, lora_alpha=ALPHA,
-                            lora_targets="all-linear", precision=precision, lr=1e-4, max_grad_norm=1.0)
+    cfg = train.TrainConfig(model=model_dir, data="-", method="lora", precision=precision, lr=1e-4, max_grad_norm=1.0,
+                            method_args={"lora_r": R, "lora_alpha": ALPHA, "lora_targets": "all-linear"})
     device = torch.device("cpu")
     model = train.build_model(cfg, device)
     model.train()
-    opt = train.make_optimizer(model, cfg, device)
-    sched = train.make_scheduler(opt, cfg, 1000)
+    opt = train.make_optimizer(model, cfg)
+    sched = train.make_scheduler(opt.optimizer, cfg, 1000)
     ids, labels = batch(workload, model.cfg.vocab_size)
-    mb = [{"input_ids": ids, "labels": labels, "attention_mask": None, "position_ids": None}]
+    mb = [{"input_ids": ids, "train_mask": labels != -100, "labels": labels, "attention_mask": None,
+           "position_ids": None}]
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()

@@ -55,6 +55,21 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
     return rows
 
 
+class BatchOrder:
+    """batch_order(...) for the epochs of one run, each epoch's order computed once (not once per step)."""
+
+    def __init__(self, lengths, global_batch: int, seed: int, bucket: bool = True):
+        self.lengths, self.global_batch, self.seed, self.bucket = lengths, global_batch, seed, bucket
+        self.per_epoch = max(1, len(lengths) // global_batch)  # batches per epoch (a ragged last one is dropped)
+        self._epoch, self._batches = None, None
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = batch_order(self.lengths, self.global_batch, self.seed, epoch, self.bucket)
+        return self._batches
+
+
 def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
     """The global batches of one epoch (lists of example indices), a pure function of (seed, epoch).
     Length bucketing: sort each window of 50 batches by length so a batch pads little, then shuffle the batches."""
@@ -72,19 +87,20 @@ def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool 
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
-    """-> input_ids (B, T), labels (B, T) with -100, position_ids (B, T) or None, attention_mask: None (no padding),
-    (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows."""
+    """-> input_ids (B, T), train_mask (B, T) bool (token t is a target: what the loss reads), labels (B, T) with
+    -100 (HF's form of the same mask, for HF references), position_ids (B, T) or None, attention_mask: None (no
+    padding), (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows."""
     T = max(len(e.ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, e in enumerate(examples):
         n = len(e.ids)
         ids[b, :n] = torch.from_numpy(e.ids.astype(np.int64))
-        labels[b, :n] = torch.where(torch.from_numpy(e.train), ids[b, :n], -100)
+        mask[b, :n] = torch.from_numpy(e.train)
         valid[b, :n] = True
-    out = {"input_ids": ids, "labels": labels, "position_ids": None,
+    out = {"input_ids": ids, "train_mask": mask, "labels": torch.where(mask, ids, -100), "position_ids": None,
            "attention_mask": None if valid.all() else valid.long()}
     if examples[0].seg is not None:
         seg = torch.full((B, T), -1, dtype=torch.long)
@@ -102,5 +118,13 @@ def collate(examples: list[Example], pad_id: int) -> dict:
 
 
 def count_targets(batch) -> int:
-    """Number of predicted tokens in a batch (labels after the shift)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    """Number of predicted tokens in a batch (position 0 is never predicted)."""
+    return int(batch["train_mask"][:, 1:].sum())
+
+
+def prompt_ids(ex: Example) -> list[int] | None:
+    """The tokens before an example's first trained token (a chat's rendered prompt up to its first answer), to
+    ask the model for a sample answer; None when the example has no untrained prompt (raw text,
+    --train-on-prompt)."""
+    first = np.flatnonzero(ex.train)
+    return ex.ids[:first[0]].tolist() if len(first) and first[0] > 0 else None

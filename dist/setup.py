@@ -60,6 +60,15 @@ def log(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def all_sum(x: float, device) -> float:
+    """Sum of a number over ranks (in fp64: token counts stay exact); x itself in one process."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (e.g. the loss to log); a copy, the input is untouched."""
     x = x.detach().clone().float().contiguous()

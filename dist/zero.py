@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from . import zero3
 from .bucket import Bucket, collective
+from .checkpoint import load_checkpoint, save_checkpoint
+from .ddp import ZERO_FILE
 
 
 def predicted_bytes(stage: int, psi: int, world: int, compute_bytes: int = 2) -> dict:
@@ -312,6 +314,23 @@ class ZeroOptimizer:
         optim = sum(t.nbytes for s in self.optimizer.state.values() for k, t in s.items() if k != "step")
         return {"params": params, "grads": grads, "master": sum(b.master.nbytes for b in self.buckets),
                 "optim": optim}
+
+    def gathered(self):
+        """A context in which stage 3's weights are whole on every rank (e.g. to save the model); every rank
+        enters it. Stages 1 and 2 keep whole weights anyway."""
+        return zero3.gathered_params(self)
+
+    # ---- run checkpoints (dist/run.py): one world-size independent file, see checkpoint.py ----
+    def save(self, d, rank: int = 0) -> dict:
+        """Every rank calls (a collective); rank 0 writes zero.safetensors (fp32 master weights + AdamW
+        moments) into checkpoint dir `d`. Returns the state for state.pt (none: it is all in the file)."""
+        save_checkpoint(self, d / ZERO_FILE)
+        return {"optimizer": None}
+
+    def load(self, d, state: dict):
+        if not (d / ZERO_FILE).is_file():
+            raise ValueError(f"{d}: written without --zero; resume it without --zero too")
+        load_checkpoint(self, d / ZERO_FILE)
 
     @property
     def param_groups(self) -> list[dict]:

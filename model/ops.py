@@ -1,5 +1,6 @@
 """The few hand-written pieces under the model's training step: SwiGLU's product with a lean backward, selective
-recomputation of saved activations, and where matrix products run for bf16/fp16 on hardware without them."""
+recomputation of saved activations, the chunked language-model loss, and where matrix products run for bf16/fp16
+on hardware without them."""
 import functools
 
 import torch
@@ -12,6 +13,11 @@ def _cpu_half_gemm() -> bool:
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:
         return False
+
+
+def native_half_gemm(device: torch.device) -> bool:
+    """Does this device multiply bf16/fp16 matrices natively: CUDA, or a CPU with AMX / AVX512-BF16."""
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_half_gemm())
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -42,6 +48,40 @@ def attention(q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=gqa).to(amp)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+class ChunkedCE(torch.autograd.Function):
+    """The language-model loss sum_i CE(W h_i, y_i) over N selected positions, in chunks. The gradient of each chunk,
+    dL/dlogits = softmax(logits) - onehot(y), is turned into dL/dh (and dL/dW) right away, so only (N, D) and
+    (V, D) tensors are kept for backward, never (N, V) logits. Operands are rounded to `dtype` (the autocast dtype)
+    and multiplied where gemm_dtype says (fp32 on a CPU without bf16 units); logits are fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            wc = gemm_operand(w, dtype)                                # rounded to dtype, see model.ops
+            gh = torch.empty_like(h)                                   # (N, D)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, h.shape[0], chunk):
+                hc, yc = gemm_operand(h[i:i + chunk], dtype), y[i:i + chunk]
+                logits = (hc @ wc.T).float()                            # (n, V)
+                lse = torch.logsumexp(logits, -1)                       # (n,)
+                loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                g = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+                g = gemm_operand(g, dtype)
+                gh[i:i + chunk] = (g @ wc).to(h.dtype)
+                if gw is not None:
+                    gw += (g.T @ hc).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        return gh * grad_out, None if gw is None else (gw * grad_out).to(ctx.w_dtype), None, None, None
 
 
 class SiluMul(torch.autograd.Function):

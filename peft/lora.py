@@ -42,6 +42,7 @@ class LoraConfig:
     methods = {"lora": {"targets": "all-linear"}, "dora": {"targets": "all-linear", "dora": True}}
     flags = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
              "lora_rslora": "rslora", "lora_init": "init"}
+    bf16_frozen_base = True  # train.py may store the frozen base matrices in bf16 (LoraFunction multiplies them so)
 
     r: int = 8
     alpha: float = 16.0

@@ -5,7 +5,7 @@ Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation":
 optionally reparameterised during training as P = MLP(P') = W2 tanh(W1 P' + b1) + b2 (PEFT's prefix_projection);
 the exported tensor is always the projected prefix.
 
-PEFT's conventions (FACTS.md): one tensor `prompt_embeddings` (n, L*2*n_kv*hd); layer l's K is
+PEFT's conventions (docs/peft_prompt.md): one tensor `prompt_embeddings` (n, L*2*n_kv*hd); layer l's K is
 E.view(n, L, 2, n_kv, hd)[:, l, 0] and V is [:, l, 1] (so GQA models get n_kv heads, not n_heads). Prefix keys are
 not rotated (they are in the cache as-is); real tokens take positions n .. n+T-1; the padding mask gets n ones in
 front; outputs cover the real tokens only. Hooks through `Transformer.forward(prefix_kv=...)`, which keeps the

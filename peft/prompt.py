@@ -7,7 +7,7 @@ embeddings P_e by a prompt encoder f, exactly PEFT's `PromptEncoder`:
     MLP:   f(e) = W3 relu(W2 relu(W1 e + b1) + b2) + b3
     LSTM:  f(e) = W2 relu(W1 [h_fwd ; h_bwd] + b1) + b2,   (h_fwd, h_bwd) = BiLSTM(P_e)
 
-PEFT's conventions (FACTS.md): positions run 0 .. n+T-1 over [virtual ; real], the attention mask gets n ones in
+PEFT's conventions (docs/peft_prompt.md): positions 0 .. n+T-1 over [virtual ; real], the attention mask gets n ones in
 front, labels n -100s (`pad_labels`). The HF PEFT file holds only `prompt_embeddings` (n, D) = f(P_e). To let
 P-tuning resume training, `save_extra` also writes the encoder itself to `prompt_encoder.safetensors` (keys =
 PEFT's `PromptEncoder` state dict). Prefix tuning (peft/prefix.py) reuses `VirtualTokenWrapper` and that file.

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,15 +249,22 @@ def test_default_dataset_is_valid_and_heldout_is_unseen(tok):
 
 
 def test_default_run_mechanics_on_tiny_model(tiny_model_dir, tmp_path, capsys):
-    """The default run's pipeline (before answers, LoRA training, after answers) on a tiny model taught one reply."""
-    from data.default_run import main
+    """The default run's pipeline (`make train`: train.py with data/default/run.toml, then generate.py's before /
+    after answers to the held-out questions) on a tiny model taught one reply."""
+    import generate
+    import train
+    here = Path(__file__).resolve().parent.parent / "data" / "default"
     f = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": q},
                                                           {"role": "assistant", "content": "Nano."}]}
                                            for q in ("Who are you?", "Name?", "Your name?", "Who is this?")] * 4)
     h = write_jsonl(tmp_path / "h.jsonl", [{"messages": [{"role": "user", "content": "Who are you, really?"},
                                                           {"role": "assistant", "content": "Nano."}]}])
-    main(["--model", str(tiny_model_dir), "--data", str(f), "--heldout", str(h), "--out", str(tmp_path / "run"),
-          "--epochs", "30", "--", "--lr", "1e-2", "--batch-size", "4", "--warmup", "0"])
-    text = (tmp_path / "run" / "before_after.txt").read_text()
+    train.main(["--config", str(here / "run.toml"), "--model", str(tiny_model_dir), "--data", str(f),
+                "--eval-data", str(h), "--out", str(tmp_path / "run"), "--epochs", "30", "--lr", "1e-2",
+                "--batch-size", "4", "--warmup", "0"])
+    capsys.readouterr()
+    generate.main(["--adapter", str(tmp_path / "run" / "adapter"), "--prompts", str(h), "--compare-base",
+                   "--greedy", "--max-new-tokens", "40"])
+    text = capsys.readouterr().out
     assert "before: " in text and "  after:  Nano.\n" in text and "before: Nano.\n" not in text
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

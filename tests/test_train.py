@@ -75,9 +75,9 @@ def test_loss_parity_with_hf_full_and_lora(setup):
     cfg = train.parse_args(argv)
     tok = M.load_tokenizer(cfg.model)
     exs, _, _ = train.load_data(cfg, tok, 0)
-    batches = {}
+    batches, order = {}, train.batch_order(exs, cfg, 1)
     for i in range(steps):
-        (b,) = train.micro_batches(exs, cfg, i, 0, 1, tok.pad_id)
+        (b,) = train.micro_batches(order, exs, cfg, i, 0, 1, tok.pad_id)
         assert b["position_ids"] is None
         am = b["attention_mask"] if b["attention_mask"] is not None else torch.ones_like(b["input_ids"])
         batches.update({f"{i}.input_ids": b["input_ids"], f"{i}.labels": b["labels"], f"{i}.attention_mask": am})
@@ -257,7 +257,7 @@ def test_toml_config_sets_keys_and_flags_win(setup, tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('lr = 0.05\nlora-r = 16\nschedule = "linear"\npack = true\n')
     cfg = train.parse_args(["--model", "m", "--data", "d", "--config", str(f), "--lr", "0.01"])
-    assert (cfg.lr, cfg.lora_r, cfg.schedule, cfg.pack) == (0.01, 16, "linear", True)
+    assert (cfg.lr, cfg.method_args["lora_r"], cfg.schedule, cfg.pack) == (0.01, 16, "linear", True)
     f.write_text("lrr = 1\n")
     with pytest.raises(SystemExit, match="unknown key 'lrr'"):
         train.parse_args(["--model", "m", "--data", "d", "--config", str(f)])
