@@ -89,8 +89,4 @@ CONFIGS = (AdapterConfig,)
 
 
 def apply(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    for name in core.find_targets(model, HOOKS[cfg.kind], "AdapterConfig"):
-        module = model.get_submodule(name)
-        core.replace_module(model, name, core.wrapper_for(module, cfg, AdapterLinear).from_module(module, cfg))
-    core.freeze(model)
-    return model
+    return core.wrap_targets(model, core.find_targets(model, HOOKS[cfg.kind], "AdapterConfig"), cfg, AdapterLinear)

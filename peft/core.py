@@ -96,6 +96,17 @@ def wrapper_for(module: nn.Module, cfg, cls: type) -> type:
     return module.peft_wrapper(cfg) if hasattr(module, "peft_wrapper") else cls
 
 
+def wrap_targets(model: nn.Module, names: list[str], cfg, cls: type, extra=None):
+    """Replace each named linear by its wrapper (`cls`, or the layer's own: wrapper_for) built from cfg, then
+    freeze everything but the adapter parameters. extra(name) -> more keyword arguments for one layer."""
+    for name in names:
+        module = model.get_submodule(name)
+        new = wrapper_for(module, cfg, cls).from_module(module, cfg, **(extra(name) if extra else {}))
+        replace_module(model, name, new)
+    freeze(model)
+    return model
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -97,12 +97,7 @@ def apply(model: nn.Module, cfg: IA3Config) -> nn.Module:
     ff = [n for n in names if core.matches(n, cfg.feedforward)]
     if not isinstance(cfg.feedforward, str) and len({n.rsplit(".", 1)[-1] for n in ff}) < len(cfg.feedforward):
         raise ValueError(f"IA3Config.feedforward {cfg.feedforward} must be a subset of the targets {cfg.targets}")
-    for name in names:
-        module = model.get_submodule(name)
-        cls = core.wrapper_for(module, cfg, IA3Linear)
-        core.replace_module(model, name, cls.from_module(module, cfg, feedforward=name in ff))
-    core.freeze(model)
-    return model
+    return core.wrap_targets(model, names, cfg, IA3Linear, extra=lambda name: {"feedforward": name in ff})
 
 
 def merge(model: nn.Module):

@@ -230,12 +230,8 @@ CONFIGS = (LoraConfig,)
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Swap each target linear for a LoraLinear (DoraLinear if cfg.dora; a quantized layer's own wrapper, e.g.
     QLoRA's, see core.wrapper_for), freeze the rest."""
-    for name in core.find_targets(model, cfg.targets, "LoraConfig.targets"):
-        module = model.get_submodule(name)
-        cls = core.wrapper_for(module, cfg, DoraLinear if cfg.dora else LoraLinear)
-        core.replace_module(model, name, cls.from_module(module, cfg))
-    core.freeze(model)
-    return model
+    names = core.find_targets(model, cfg.targets, "LoraConfig.targets")
+    return core.wrap_targets(model, names, cfg, DoraLinear if cfg.dora else LoraLinear)
 
 
 def merge(model: nn.Module):

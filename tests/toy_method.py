@@ -54,11 +54,8 @@ class ScaledLinear(core.LinearWrapper):
 
 
 def apply(model: nn.Module, cfg: ToyScaleConfig) -> nn.Module:
-    for name in core.find_targets(model, cfg.targets, "ToyScaleConfig.targets"):
-        module = model.get_submodule(name)
-        core.replace_module(model, name, core.wrapper_for(module, cfg, ScaledLinear).from_module(module, cfg))
-    core.freeze(model)
-    return model
+    return core.wrap_targets(model, core.find_targets(model, cfg.targets, "ToyScaleConfig.targets"), cfg,
+                             ScaledLinear)
 
 
 def merge(model: nn.Module):
