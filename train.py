@@ -167,7 +167,8 @@ def build_model(cfg: TrainConfig, device):
     else:  # prompt methods return a wrapper holding the base as .base; the others modify the base in place
         model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), method_config(cfg))
     unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
-    if precision(cfg, device) == "bf16" and getattr(model.peft_config, "bf16_frozen_base", False):
+    pcfg = getattr(model, "peft_config", None)  # None for full fine-tuning
+    if precision(cfg, device) == "bf16" and getattr(pcfg, "bf16_frozen_base", False):
         # frozen base matrices stored in bf16: no per-step weight casts under autocast, half the memory
         for name, p in model.named_parameters():
             if not p.requires_grad and p.dim() == 2 and p.is_floating_point() \
@@ -238,8 +239,8 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "finite": False}
     norm = optimizer.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
+    if optimizer.step():  # False: fp16 loss scaling skipped a step with inf/nan gradients (the LR waits too)
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "finite": True, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
 
@@ -448,7 +449,7 @@ def main(argv=None):
             if rank == 0:
                 tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
                 for p, s in zip(stats["prompts"], samples):
-                    tqdm.write(f"  Q: {tok.decode(p)[-80:]!r}\n  A: {s[:200]!r}")
+                    tqdm.write(f"  Q: {tok.decode(p).strip()[-80:]!r}\n  A: {s[:200]!r}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(out, step + 1, optimizer, scheduler, cfg.keep, rank)
         if world > 1:

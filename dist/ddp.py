@@ -55,12 +55,15 @@ class AllReduceAdamW:
             self.scaler.unscale_(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
 
-    def step(self):
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+    def step(self) -> bool:
+        """The AdamW step; False if fp16 loss scaling skipped it (inf/nan gradients: the scale drops instead)."""
+        if not self.scaler:
             self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale
 
     def zero_grad(self, set_to_none: bool = True):
         self.optimizer.zero_grad(set_to_none=set_to_none)

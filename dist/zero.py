@@ -278,12 +278,13 @@ class ZeroOptimizer:
         return norm
 
     @torch.no_grad()
-    def step(self):
+    def step(self) -> bool:
         self._reduce()
         with num_threads(self.threads if self.offload else None):
             self.optimizer.step()
         self.step_count += 1
         self.publish()
+        return True  # always taken (no fp16 loss scaling here)
 
     @torch.no_grad()
     def publish(self):
