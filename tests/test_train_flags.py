@@ -200,8 +200,8 @@ def test_precision_close_to_fp32_and_master_weights_stay_fp32(setup, method, pre
 def test_fp16_loss_scale_skips_overflowing_steps_and_backs_off(setup):
     """A model with N(0, 1) weights: its fp16 backward overflows at GradScaler's initial scale 2^16 (its fp32
     gradients are finite, norm ~20). The scaler must skip those steps (non-finite grad_norm logged, the weights
-    untouched: the same batch gives the same loss, the LR schedule not advanced), halve the scale and then train: finite gradient
-    norm, lower loss, finite weights. Without loss scaling no step would be skipped; without the skip the inf
+    untouched: the same batch gives the same loss, the LR schedule not advanced), halve the scale and then
+    train: finite gradient norm, lower loss, finite weights. Without loss scaling no step would be skipped; without the skip the inf
     gradients would reach the weights and the next loss would be NaN (train.py stops)."""
     d = setup["dir"] / "big-init"
     m = M.Transformer(M.ModelConfig.from_hf(tiny_config())).init_weights(1.0, seed=1)
