@@ -3,7 +3,7 @@ HF transformers + PEFT where PEFT has the method.
 
 Each configuration runs in its own fresh process (peak RSS is per process, via resource.getrusage); HF runs as
 `python -P` outside the repo, since our peft/ package would shadow HF's. Batch: random tokens, the first half of
-each row label-masked (-100), as in FACTS.md's baseline. Prints a markdown table.
+each row label-masked (-100), the prompt-masked SFT batch of bench_train.py. Prints a markdown table.
 
     python bench/bench_peft.py [--steps 4] [--batch 8] [--seq 128] [--threads 2] [--only lora,ia3]
 """

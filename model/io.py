@@ -1,23 +1,20 @@
-"""Load and save HF checkpoint directories (config.json + safetensors, single file or sharded).
+"""Load and save HF checkpoint directories (config.json + safetensors, single file or sharded); load .gguf files.
 
-The model is built on the meta device and the tensors are attached with `load_state_dict(assign=True)`, so a
-7B model is allocated once, in the requested dtype, shard by shard. Pickle files are refused by default:
-unpickling runs arbitrary code.
+The tensors are read shard by shard in the requested dtype and attached to a meta-device model
+(weights.from_state_dict), so a 7B model is allocated once. A .gguf file is read by the converter below this
+module (gguf.gguf_weights) and attached the same way. Pickle files are refused by default: unpickling runs
+arbitrary code.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .atomic import atomic_dir
 from .model import ModelConfig, Transformer
-
-
-class CheckpointError(ValueError):
-    """A bad checkpoint: the message is one line naming the file and the problem."""
+from .weights import CheckpointError, from_state_dict, write_weights
 
 
 def read_config(path) -> ModelConfig:
@@ -75,103 +72,37 @@ def _read_bin(path: Path, dtype) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_state_dict_into(model: Transformer, sd: dict, source: str):
-    """Check names and shapes against the model, then attach the tensors (no copy) with assign=True."""
-    expected = model.state_dict(keep_vars=True)
-    if model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    # HF keeps the (recomputable) rotary inv_freq in some old checkpoints: not a weight
-    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor(s): {', '.join(missing[:8])}"
-                              + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s): {', '.join(unexpected[:8])}"
-                              + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
-    for k, p in expected.items():
-        if tuple(sd[k].shape) != tuple(p.shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, "
-                                  f"config.json implies {tuple(p.shape)}")
-    model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
-    model.tie_weights()
-
-
 def load_pretrained(path, dtype=torch.float32, device="cpu", allow_bin: bool = False) -> Transformer:
     """An HF model directory (safetensors, single or sharded) or a llama .gguf file -> Transformer (eval mode)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from .gguf import load_gguf
-        return load_gguf(path, dtype=dtype, device=device)[0]
-    cfg = read_config(path)
-    files = _weight_files(path, allow_bin)
-    if files is None:
-        sd = {k: v.to(device) for k, v in _read_bin(path, dtype).items()}
+        from .gguf import gguf_weights  # here, not above: `python -m model.gguf` must find it not yet imported
+        cfg, sd = gguf_weights(path, dtype=dtype, device=device)
     else:
-        sd = {}
-        for f in files:
-            sd.update(_read_safetensors(f, dtype, device))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    load_state_dict_into(model, sd, str(path))
-    return model.eval()
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+        cfg = read_config(path)
+        files = _weight_files(path, allow_bin)
+        if files is None:
+            sd = {k: v.to(device) for k, v in _read_bin(path, dtype).items()}
+        else:
+            sd = {}
+            for f in files:
+                sd.update(_read_safetensors(f, dtype, device))
+    return from_state_dict(cfg, sd, str(path))
 
 
 def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, config_updates: dict | None = None):
     """Write config.json + model.safetensors (or shards + index above max_shard_bytes) that transformers loads.
 
-    Written into a temporary directory first and renamed into place, so an existing model is never left
-    half-overwritten."""
+    Written through atomic_dir, so an existing model is replaced only once the new one is on disk, never left
+    half-overwritten. Files beside the weights in an existing directory (tokenizer, generation config) are kept."""
     path = Path(path)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # HF re-ties it from embed_tokens
-    cfg = model.cfg.to_hf()
-    cfg.update(config_updates or {})
-    cfg["torch_dtype"] = cfg["dtype"] = _dtype_name(model.dtype)
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v.cpu(), size + n
-    shards.append(cur)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    # keep files that belong beside the weights (tokenizer, generation config) when overwriting in place
-    if path.is_dir():
-        for f in path.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith(("model", "config.json")):
-                shutil.copy2(f, tmp / f.name)
-        old = path.with_name(path.name + ".old")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.rename(tmp, path)
+    with atomic_dir(path) as tmp:
+        write_weights(model, tmp, max_shard_bytes, config_updates)
+        if path.is_dir():
+            for f in path.iterdir():
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith(("model", "config.json")):
+                    shutil.copy2(f, tmp / f.name)
     return path
-
 
 
 if __name__ == "__main__":

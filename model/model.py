@@ -263,16 +263,6 @@ class Block(nn.Module):
             return x + self.mlp(h, recompute)
 
 
-class Decoder(nn.Module):
-    """HF's `model.` sub-module: embeddings, blocks, final norm."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | None, device):
     """Boolean attention mask (B or 1, 1, T, prefix + past + T), True = attend.
 
@@ -298,6 +288,38 @@ def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | Non
     # A query with nothing to attend to (a left-pad position) would give NaN, which then leaks into other rows
     # through 0 * NaN in the value product. Let such rows attend everywhere: their outputs are ignored anyway.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+class Decoder(nn.Module):
+    """HF's `model.` sub-module (`LlamaModel`): embeddings, blocks, final norm; the hidden states, no LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, prefix_kv=None,
+                cache: KVCache | None = None, checkpointing: bool = False, recompute: bool = True):
+        """The arguments as in Transformer.forward. checkpointing: recompute each block in backward (gradient
+        checkpointing, when grad is enabled); recompute: Block.forward's selective recomputation otherwise.
+        Returns the final normed hidden states (B, T, D)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, x.dtype)
+        prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
+        mask = build_mask(attention_mask, T, past, prefix, self.cfg.sliding_window, x.device)
+        for i, layer in enumerate(self.layers):
+            pkv = prefix_kv[i] if prefix_kv is not None else None
+            if checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, pkv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, pkv, recompute=recompute)
+        return self.norm(x)
 
 
 class Transformer(nn.Module):
@@ -336,21 +358,8 @@ class Transformer(nn.Module):
         position_ids: (B, T); default past .. past + T - 1.
         prefix_kv: per-layer list of (k, v), each (B, n_kv, P, hd), prepended to the keys/values (prefix tuning).
         Returns logits (B, T, vocab), or the final normed hidden states (B, T, D) if hidden_only."""
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        B, T, _ = x.shape
-        past = cache.seq_len if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-        cos, sin = rope_cos_sin(self.cfg, position_ids, x.dtype)
-        prefix = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0
-        mask = build_mask(attention_mask, T, past, prefix, self.cfg.sliding_window, x.device)
-        for i, layer in enumerate(self.model.layers):
-            pkv = prefix_kv[i] if prefix_kv is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, pkv, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, pkv, recompute=self.recompute_saved)
-        x = self.model.norm(x)
+        x = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, cache,
+                       checkpointing=self.gradient_checkpointing and self.training, recompute=self.recompute_saved)
         return x if hidden_only else self.lm_head(x)
 
     @property

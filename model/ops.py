@@ -8,24 +8,27 @@ import torch.nn.functional as F
 
 
 @functools.cache
-def _cpu_half_gemm() -> bool:
+def _cpu_half_units() -> bool:
     try:  # private torch helpers (present since torch 2.3); without them, assume no bf16 matrix unit
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:
         return False
 
 
-def native_half_gemm(device: torch.device) -> bool:
-    """Does this device multiply bf16/fp16 matrices natively: CUDA, or a CPU with AMX / AVX512-BF16."""
-    return device.type == "cuda" or (device.type == "cpu" and _cpu_half_gemm())
+def native_half_gemm(device) -> bool:
+    """Whether `device` multiplies bf16/fp16 matrices in hardware: CUDA (any accelerator: only CPUs are probed),
+    or a CPU with AMX or AVX512-BF16 instructions. Elsewhere torch emulates half-precision GEMMs, several times
+    slower than fp32 ones (docs/train.md), so bf16 autocast does not pay there. The project's one CPU-feature
+    probe: whatever picks a precision or a matmul peak asks it."""
+    return torch.device(device).type != "cpu" or _cpu_half_units()
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype a `dtype` matrix product runs in. A CPU without bf16/fp16 matrix instructions (AMX,
-    AVX512-BF16) emulates half-precision GEMMs ~8x slower than fp32 ones; there the half-precision operands are
-    multiplied in fp32 instead. That computes what a bf16/fp16 GEMM computes (the product of two such numbers is
-    exact in fp32, and the GEMM accumulates in fp32); the caller rounds the result back to `dtype`."""
-    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu" and not _cpu_half_gemm():
+    """The dtype a `dtype` matrix product runs in. Where half-precision GEMMs are emulated (not
+    native_half_gemm), the half-precision operands are multiplied in fp32 instead. That computes what a bf16/fp16
+    GEMM computes (the product of two such numbers is exact in fp32, and the GEMM accumulates in fp32); the caller
+    rounds the result back to `dtype`."""
+    if dtype in (torch.bfloat16, torch.float16) and not native_half_gemm(device):
         return torch.float32
     return dtype
 
@@ -38,7 +41,7 @@ def gemm_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def attention(q, k, v, mask):
     """Causal (mask None) or masked SDPA with grouped K/V heads. Under bf16/fp16 autocast on a CPU without
     half-precision matrix units, the kernel runs in fp32 on rounded operands (see gemm_dtype) and the output is
-    rounded back, instead of CPU's ~3x slower bf16 kernel."""
+    rounded back, instead of the CPU's slower bf16 kernel (docs/train.md)."""
     dev = q.device
     amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     gqa = k.shape[1] != q.shape[1]

@@ -144,7 +144,7 @@ def load_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if path.suffix == ".gguf":
         from .gguf import gguf_tokenizer
-        return gguf_tokenizer(path)
+        return Tokenizer(*gguf_tokenizer(path))
     cfg_file = path / "tokenizer_config.json"
     try:
         config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from model.io import CheckpointError, _weight_files, read_config, save_pretrained
+from model.io import _weight_files, read_config, save_pretrained
 from model.model import Transformer
+from model.weights import CheckpointError, load_state_dict_into
 
 from .linear import NF4Linear
 from .nf4 import QS_SUFFIX, from_bnb_tensors, quantize_nf4
@@ -99,30 +100,10 @@ def load_nf4(path, dtype=torch.float32, device="cpu", quantize: bool = False, bl
         state.dtype = dtype
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, NF4Linear(packed.to(device), state.to(device), bias))
+    # the non-quantized tensors: every still-meta parameter must be among them, nothing else may be
     rest = {k: take(k).to(device=device, dtype=dtype) for k in list(where) if k not in consumed}
-    _attach_rest(model, rest, str(path))
+    load_state_dict_into(model, rest, str(path))
     return model.eval()
-
-
-def _attach_rest(model: Transformer, sd: dict, source: str):
-    """The non-quantized tensors: every still-meta parameter must be in `sd`, nothing else may be."""
-    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
-    if model.cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor(s): {', '.join(missing[:8])}")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s): {', '.join(unexpected[:8])}")
-    params = dict(model.named_parameters())
-    for k in expected:
-        if k in params and tuple(sd[k].shape) != tuple(params[k].shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, config.json implies "
-                                  f"{tuple(params[k].shape)}")
-    model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
-    model.tie_weights()
 
 
 def save_nf4(model: Transformer, path, compute_dtype: torch.dtype | None = None):
