@@ -270,13 +270,15 @@ def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | Non
     boolean mask (e.g. block-diagonal for packed sequences). Prefix slots (prefix tuning) are always visible.
     Returns None when plain causal attention is exact, so SDPA can take its fused causal path."""
     S = past + T
+    i = torch.arange(T, device=device)[:, None] + past       # query positions (T, 1)
+    j = torch.arange(S, device=device)[None, :]               # key positions (1, S)
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask.bool()
+        if window is not None:  # packed rows hold each example contiguously: the window is a distance in the row
+            mask = mask & (j > i - window)
     else:
         if attention_mask is None and past == 0 and prefix == 0 and (window is None or T <= window):
             return None
-        i = torch.arange(T, device=device)[:, None] + past   # query positions (T, 1)
-        j = torch.arange(S, device=device)[None, :]           # key positions (1, S)
         mask = j <= i
         if window is not None:
             mask = mask & (j > i - window)

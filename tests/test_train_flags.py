@@ -107,12 +107,7 @@ def test_grad_checkpointing_same_losses_and_weights(setup, monkeypatch, method, 
 
 
 # --- --pack ---------------------------------------------------------------------------------------------------
-WINDOW_BUG = "--pack ignores a sliding attention window: model.build_mask returns a ready (B, 1, T, T) mask " \
-             "(packed rows) as is, without the window it applies to padding masks and to the causal default"
-
-
-@pytest.mark.parametrize("arch", ["llama", pytest.param("mistral-window16", marks=pytest.mark.xfail(
-    strict=True, reason=WINDOW_BUG))])
+@pytest.mark.parametrize("arch", ["llama", "mistral-window16"])
 def test_pack_first_step_loss_equals_unpacked(setup, arch):
     """One global batch holding every example (batch size 32 > 24 examples): the packed step trains the same
     tokens, so its loss (the token-weighted mean CE at the initial weights) equals the unpacked step's and a
