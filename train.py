@@ -16,6 +16,7 @@ linears are quantized to NF4 while loading, quant/) are the two it knows itself.
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -31,7 +32,8 @@ import data
 import model as M
 import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
-from dist.run import Logger, complete_checkpoints, load_checkpoint, plot_loss, remove_partial, save_checkpoint
+from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints, file_hash,
+                      plot_loss, remove_partial, resume, same_on_all_ranks, save_checkpoint)
 from model.ops import ChunkedCE, native_half_gemm
 from model.sampling import generate
 
@@ -66,6 +68,7 @@ class TrainConfig:
     save_every: int = 0
     keep: int = 2
     resume: bool = False
+    resume_override: str = ""             # comma-separated keys --resume may see changed (e.g. lr,schedule)
     merge: bool = False
     train_on_prompt: bool = False
     template: str = ""                    # built-in chat template (chatml, llama3, llama2, alpaca); "": the model's
@@ -74,6 +77,7 @@ class TrainConfig:
     # ZeRO (Rajbhandari et al. 2020) and ZeRO-Offload (Ren et al. 2021), dist/
     zero: int = 0                         # 0: plain data parallel (all-reduce); 1 | 2 | 3: ZeRO stage
     offload: bool = False                 # ZeRO: fp32 master weights, gradients shard, AdamW state + step on CPU
+    collective_timeout: float = 600.0     # seconds a rank waits in a collective before the run fails
     config: str = ""                      # TOML file setting any of these keys, method flags or [method] tables
     # the method's options: its flags (e.g. lora_r -> 16) and [method] TOML tables (e.g. lora -> {"r": 16})
     method_args: dict = field(default_factory=dict)
@@ -85,13 +89,32 @@ def method_flags() -> dict[str, typing.Callable]:
     out = {}
     for cls, _ in peft.method_configs().values():
         types = {f.name: f.type for f in fields(cls)}
-        for flag, name in cls.flags.items():
-            args = typing.get_args(types[name]) or (types[name],)
-            if any(typing.get_origin(a) is list for a in args):  # module names: "q_proj,v_proj", a regex, ...
-                out[flag] = peft.parse_targets
-            else:
-                out[flag] = next((t for t in (bool, int, float) if t in args), str)
+        out.update({flag: flag_type(types[name]) for flag, name in cls.flags.items()})
     return out
+
+
+def flag_type(tp) -> typing.Callable:
+    """A config field's annotation -> the flag's type; lists of module names parse like "q_proj,v_proj"."""
+    args = typing.get_args(tp) or (tp,)
+    if any(typing.get_origin(a) is list for a in args):
+        return peft.parse_targets
+    return next((t for t in (bool, int, float) if t in args), str)
+
+
+# range checks, before anything is loaded: > 0, >= 0, and fractions in [0, 1)
+POSITIVE = ("batch_size", "grad_accum", "seq_len", "lr", "adam_eps", "log_every", "collective_timeout")
+NON_NEGATIVE = ("max_steps", "epochs", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_samples",
+                "save_every", "keep", "seed")
+FRACTIONS = ("adam_beta1", "adam_beta2", "eval_split")
+
+
+def type_ok(value, tp) -> bool:
+    """Is a TOML value of the type a field or flag expects? (bool is not a number; an int is a float.)"""
+    if tp is peft.parse_targets:
+        return isinstance(value, (str, list))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -112,15 +135,21 @@ def parse_args(argv=None) -> TrainConfig:
             sys.exit(f"error: {a['config']}: {e}")
         for k, v in toml.items():
             k = k.replace("-", "_")
+            tp = own.get(k) or opts.get(k)
+            if tp is not None and not type_ok(v, tp):
+                sys.exit(f"error: {a['config']}: {k} = {v!r}: expected {getattr(tp, '__name__', tp)}")
             if k in own:
                 setattr(cfg, k, v)
             elif k in opts:
                 cfg.method_args[k] = opts[k](v) if isinstance(v, str) else v
             elif k in methods and isinstance(v, dict):  # a [lora] table: the config's own field names
-                names = {f.name for f in fields(methods[k][0])}
-                bad = [f for f in v if f not in names]
+                types = {f.name: f.type for f in fields(methods[k][0])}
+                bad = [f for f in v if f not in types]
                 if bad:
-                    sys.exit(f"error: {a['config']}: [{k}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(names))})")
+                    sys.exit(f"error: {a['config']}: [{k}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(types))})")
+                bad = [f for f, x in v.items() if not type_ok(x, flag_type(types[f]))]
+                if bad:
+                    sys.exit(f"error: {a['config']}: [{k}]: {bad[0]} = {v[bad[0]]!r}: expected {types[bad[0]]}")
                 cfg.method_args[k] = v
             else:
                 sys.exit(f"error: {a['config']}: unknown key {k!r}")
@@ -139,6 +168,13 @@ def parse_args(argv=None) -> TrainConfig:
         sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
     if cfg.zero and cfg.precision == "fp16":
         sys.exit("error: --zero: use --precision bf16 or fp32 (ZeRO has no fp16 loss scaling)")
+    for k in POSITIVE + NON_NEGATIVE + FRACTIONS:
+        v = getattr(cfg, k)
+        if not math.isfinite(v) or v < 0 or (v == 0 and k in POSITIVE) or (v >= 1 and k in FRACTIONS):
+            want = "> 0" if k in POSITIVE else ">= 0" if k in NON_NEGATIVE else "in [0, 1)"
+            sys.exit(f"error: --{k.replace('_', '-')} {v}: expected a number {want}")
+    if not cfg.max_steps and not cfg.epochs:
+        sys.exit("error: --epochs 0 with --max-steps 0: nothing to train")
     return cfg
 
 
@@ -166,7 +202,7 @@ def build_model(cfg: TrainConfig, device):
         model = qlora.load_qlora(cfg.model, method_config(cfg), dtype=torch.float32, device=device)
     else:  # prompt methods return a wrapper holding the base as .base; the others modify the base in place
         model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), method_config(cfg))
-    unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
+    peft.unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
     pcfg = getattr(model, "peft_config", None)  # None for full fine-tuning
     if precision(cfg, device) == "bf16" and getattr(pcfg, "bf16_frozen_base", False):
         # frozen base matrices stored in bf16: no per-step weight casts under autocast, half the memory
@@ -175,11 +211,6 @@ def build_model(cfg: TrainConfig, device):
                     and "embed_tokens" not in name and "lm_head" not in name:
                 p.data = p.data.to(torch.bfloat16)
     return model
-
-
-def unwrap(model) -> M.Transformer:
-    """The plain Transformer (what checkpoints are saved from) under any PEFT wrapper."""
-    return peft.unwrap(model)
 
 
 def trainable(model) -> dict[str, nn.Parameter]:
@@ -237,12 +268,15 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
     loss = all_sum(total, device) / max(n_global, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "finite": False}
+        return {"loss": loss, "why": f"loss is {loss} (not finite)"}
     norm = optimizer.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    if not torch.isfinite(norm) and cfg.precision != "fp16":  # fp16: the loss scaler skips such a step itself
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "why": f"the gradient norm is {norm.item()} (not finite)"}
     if optimizer.step():  # False: fp16 loss scaling skipped a step with inf/nan gradients (the LR waits too)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "finite": True, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
+    return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -276,51 +310,6 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 
 
 # --------------------------------------------------------------------------------------------------- data
-def load_data(cfg: TrainConfig, tok, rank: int):
-    """Train / eval examples (validated, tokenised, optionally packed) and stats, whose "prompts" are the
-    prompt tokens of up to --eval-samples eval examples (held-out data only) for sample answers."""
-    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, train_on_prompt=cfg.train_on_prompt,
-              skip_bad=cfg.skip_bad_records)
-    train, st = data.load_examples(tok, cfg.data.split(","), **kw)
-    ev, est = (data.load_examples(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
-    if cfg.eval_split and not cfg.eval_data:
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n = max(1, int(len(train) * cfg.eval_split))
-        ev, train = [train[i] for i in order[:n]], [train[i] for i in sorted(order[n:])]
-    if rank == 0:
-        print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
-              f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
-              f"dropped" + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
-                            if cfg.skip_bad_records else ""), flush=True)
-    st["prompts"] = [p for p in map(data.prompt_ids, ev) if p][:cfg.eval_samples]
-    if cfg.pack:
-        train, ev = data.pack(train, cfg.seq_len), data.pack(ev, cfg.seq_len)
-    if not train:
-        raise data.DataError(f"{cfg.data}: no usable training examples")
-    return train, ev, st
-
-
-def micro_batches(order: data.BatchOrder, examples, cfg: TrainConfig, step: int, rank: int, world: int, pad_id):
-    """This rank's micro-batches for optimizer step `step` (0-based): a pure function of (seed, step), which is
-    what makes resume exact. Global batch = batch_size x grad_accum x world; micro-batch j of rank r holds
-    examples [(j * world + r) * B, ...) of it."""
-    B = cfg.batch_size
-    epoch, i = divmod(step, order.per_epoch)
-    batch = order.epoch(epoch)[i]
-    out = []
-    for j in range(cfg.grad_accum):
-        part = batch[(j * world + rank) * B:(j * world + rank + 1) * B]
-        if part:
-            out.append(data.collate([examples[k] for k in part], pad_id))
-    return out
-
-
-def batch_order(examples, cfg: TrainConfig, world: int) -> data.BatchOrder:
-    return data.BatchOrder([len(e.ids) for e in examples], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
-                           bucket=not cfg.pack)
-
-
 @torch.no_grad()
 def evaluate(model, examples, cfg: TrainConfig, device, pad_id) -> float:
     """Token-weighted mean loss over the whole eval set."""
@@ -347,7 +336,7 @@ def sample_answers(model, tok, prompts, cfg: TrainConfig, device, max_new: int =
 def save_final(out: Path, model, cfg: TrainConfig, tok):
     """model/ (full fine-tuning) or adapter/ (PEFT format), and model/ merged with --merge where it can."""
     if cfg.method == "full":
-        merged, where = unwrap(model), out / "model"
+        merged, where = peft.unwrap(model), out / "model"
     else:
         where = peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
         merged = None
@@ -366,73 +355,88 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def trajectory(cfg: TrainConfig, world: int, model) -> dict:
+    """The settings a run's trajectory depends on: saved with each checkpoint, checked by --resume, compared
+    across ranks. Not: where it writes, how long it runs (--max-steps / --epochs may extend a run), evaluation,
+    logging and saving cadence, nor how the same update is computed (micro-batches x ranks of one global batch,
+    ZeRO, recomputation)."""
+    skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "save_every", "keep", "resume",
+            "resume_override", "merge", "log_every", "config", "collective_timeout", "method_args",
+            "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
+    d = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    d["data"] = [f"{p} ({os.path.getsize(p)} bytes, blake2b {file_hash(Path(p))})" for p in cfg.data.split(",")]
+    pcfg = getattr(model, "peft_config", None)
+    return {**d, "method_config": pcfg.to_json() if pcfg else None,
+            "global_batch": cfg.batch_size * cfg.grad_accum * world}
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     # torchrun's environment -> process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank makes the
     # others fail instead of hanging; torchrun sets OMP_NUM_THREADS=1, so the cores are shared out explicitly
-    env = init_distributed(timeout_s=600)
+    env = init_distributed(timeout_s=cfg.collective_timeout)
     world, rank, device = env.world_size, env.rank, env.device
     out = Path(cfg.out)
     try:
         if not cfg.model:  # the embedded SmolLM2-135M-Instruct, converted to an HF dir once
             from model.gguf import default_model
             cfg.model = str(default_model())
+        check_out(out, cfg.model)  # ours to write? (nothing is written before the data and model are good)
+        lock = claim_out(out) if rank == 0 and (out / MARKER).is_file() else None  # an earlier run's dir
         tok = M.load_tokenizer(cfg.model)
-        train_ex, eval_ex, stats = load_data(cfg, tok, rank)  # validated before anything is written in --out
+        train_ex, eval_ex, stats = data.load_splits(tok, cfg, verbose=rank == 0)
         if not cfg.resume and complete_checkpoints(out):
             sys.exit(f"error: {out}: holds checkpoints from an earlier run; pass --resume or another --out")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model = build_model(cfg, device)  # bad method options (unknown target module, r <= 0, ...) raise here
-        if cfg.zero == 3 and model is not unwrap(model):
+        if cfg.zero == 3 and model is not peft.unwrap(model):
             sys.exit(f"error: --zero 3 shards the decoder's blocks, but --method {cfg.method} trains only its small "
                      "prompt encoder (the base is frozen): use --zero 1 or 2")
     except (data.DataError, M.CheckpointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    traj = trajectory(cfg, world, model)
+    same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    order = batch_order(train_ex, cfg, world)
+    order = data.BatchOrder([len(e.ids) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
+                            bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer.optimizer, cfg, total)
-    start = complete_checkpoints(out)[-1] if cfg.resume and complete_checkpoints(out) else 0
-    if start:
-        try:
-            load_checkpoint(out, start, optimizer, scheduler)
-        except ValueError as e:  # written with/without --zero, or parameter names that don't match
-            sys.exit(f"error: {e}")
+    lock = lock or (claim_out(out) if rank == 0 else None)  # creates --out, holds it until this process ends
+    start = resume(out, traj, optimizer, scheduler, cfg.lr, cfg.resume_override.replace("-", "_").split(",")) \
+        if cfg.resume else 0
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)  # a save killed half-way
-        pcfg = getattr(model, "peft_config", None)
-        (out / "config.json").write_text(json.dumps(
-            {**asdict(cfg), "method_config": pcfg.to_json() if pcfg else None}, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "method_config": traj["method_config"]},
+                                                    indent=2) + "\n")
         n_train = sum(p.numel() for p in trainable(model).values())
         n_all = sum(p.numel() for p in model.parameters())  # a prompt wrapper: base + encoder
         print(f"model: {cfg.model} | method {cfg.method} | trainable params: {n_train:,} || all params: "
-              f"{n_all:,} || trainable%: {100 * n_train / n_all:.4f} | steps {start}->{total} | world {world}",
-              flush=True)
-        if start:
-            print(f"resumed from {out / 'checkpoints' / f'step-{start}'}", flush=True)
+              f"{n_all:,} || trainable%: {100 * n_train / n_all:.4f} | steps {start}->{total} | world {world}"
+              + (f" | resumed from {out / 'checkpoints' / f'step-{start}'}" if start else ""), flush=True)
     log = Logger(out, start, rank == 0)
     # ZeRO-3 gathers each block's weights from all ranks in forward: eval and samples then run on every rank
     evaluator = rank == 0 or cfg.zero == 3
+    stop = StopSignal()  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit 128 + signal
 
     from tqdm import tqdm
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
     seen = 0
     for step in bar:
         t0 = time.perf_counter()
-        mbs = micro_batches(order, train_ex, cfg, step, rank, world, pad_id)
+        mbs = order.micro_batches(train_ex, step, rank, world, cfg.batch_size, cfg.grad_accum, pad_id)
         ntok = all_sum(sum(int((b["input_ids"] != pad_id).sum()) if b["attention_mask"] is not None
                            else b["input_ids"].numel() for b in mbs), device)
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.optimizer.param_groups[0]["lr"]
         m = train_step(model, mbs, optimizer, scheduler, cfg, device)
-        if not m["finite"]:
+        why = m.get("why") or (None if optimizer.finite() else "the update made weights non-finite (nan/inf)")
+        if why:  # nothing of this step is saved: the last checkpoint passed the same checks
             last = complete_checkpoints(out)
             log.close()
-            sys.exit(f"error: step {step + 1}: loss is {m['loss']} (not finite); stopped without updating the "
-                     f"weights. Last good checkpoint: "
+            stop.restore()
+            sys.exit(f"error: step {step + 1}: {why}; stopped without saving this step. Last good checkpoint: "
                      + (str(out / "checkpoints" / f"step-{last[-1]}") if last else "none")
                      + ". Try a lower --lr, --precision fp32/bf16 or --max-grad-norm 1.")
         dt = time.perf_counter() - t0
@@ -450,10 +454,18 @@ def main(argv=None):
                 tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
                 for p, s in zip(stats["prompts"], samples):
                     tqdm.write(f"  Q: {tok.decode(p).strip()[-80:]!r}\n  A: {s[:200]!r}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(out, step + 1, optimizer, scheduler, cfg.keep, rank)
+        stopping = all_sum(bool(stop.signum), device) > 0  # every rank stops at the same step
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stopping and step + 1 < total):
+            save_checkpoint(out, step + 1, optimizer, scheduler, cfg.keep, rank, config=traj)
+        if stopping and step + 1 < total:
+            log.close()
+            if rank == 0:
+                print(f"stopped by signal {stop.signum or 'on another rank'} after step {step + 1}: checkpoint "
+                      f"{out / 'checkpoints' / f'step-{step + 1}'} saved; continue with --resume", file=sys.stderr)
+            sys.exit(128 + (stop.signum or 15))
         if world > 1:
             torch.distributed.barrier()
+    stop.restore()
     log.close()
     # ZeRO-3: every rank enters (the gather is a collective) so that rank 0 saves whole weights; else a no-op
     with optimizer.gathered():

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .encode import Example, encode_record
-from .records import read_records
+from .records import DataError, read_records
 
 
 def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False):
@@ -23,7 +23,6 @@ def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False
         try:
             exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt)
         except Exception as e:  # template errors (raise_exception in Jinja, ...) name the record too
-            from .records import DataError
             raise DataError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         for ex in exs:
             stats["truncated"] += ex.truncated
@@ -68,6 +67,16 @@ class BatchOrder:
             self._epoch = epoch
             self._batches = batch_order(self.lengths, self.global_batch, self.seed, epoch, self.bucket)
         return self._batches
+
+    def micro_batches(self, examples, step: int, rank: int, world: int, batch_size: int, grad_accum: int,
+                      pad_id: int) -> list[dict]:
+        """This rank's micro-batches for optimizer step `step` (0-based): a pure function of (seed, step), which
+        is what makes resume exact. Global batch = batch_size x grad_accum x world; micro-batch j of rank r holds
+        examples [(j * world + r) * B, ...) of it."""
+        epoch, i = divmod(step, self.per_epoch)
+        batch, B = self.epoch(epoch)[i], batch_size
+        parts = [batch[(j * world + rank) * B:(j * world + rank + 1) * B] for j in range(grad_accum)]
+        return [collate([examples[k] for k in part], pad_id) for part in parts if part]
 
 
 def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool = True) -> list[list[int]]:
@@ -128,3 +137,29 @@ def prompt_ids(ex: Example) -> list[int] | None:
     --train-on-prompt)."""
     first = np.flatnonzero(ex.train)
     return ex.ids[:first[0]].tolist() if len(first) and first[0] > 0 else None
+
+
+def load_splits(tok, cfg, verbose: bool = True):
+    """train.py's train / eval examples (validated, tokenised, optionally packed) and stats, for a config with
+    train.py's fields (data, eval_data, eval_split, seq_len, template, ...). stats["prompts"]: the prompt tokens of
+    up to eval_samples eval examples (held-out data only), for sample answers. DataError on bad data."""
+    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, train_on_prompt=cfg.train_on_prompt,
+              skip_bad=cfg.skip_bad_records)
+    train, st = load_examples(tok, cfg.data.split(","), **kw)
+    ev, est = (load_examples(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
+    if cfg.eval_split and not cfg.eval_data:
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        n = max(1, int(len(train) * cfg.eval_split))
+        ev, train = [train[i] for i in order[:n]], [train[i] for i in sorted(order[n:])]
+    if verbose:
+        print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
+              f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
+              f"dropped" + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
+                            if cfg.skip_bad_records else ""), flush=True)
+    st["prompts"] = [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]
+    if cfg.pack:
+        train, ev = pack(train, cfg.seq_len), pack(ev, cfg.seq_len)
+    if not train:
+        raise DataError(f"{cfg.data}: no usable training examples")
+    return train, ev, st

@@ -68,6 +68,11 @@ class AllReduceAdamW:
     def zero_grad(self, set_to_none: bool = True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    @torch.no_grad()
+    def finite(self) -> bool:
+        """Are all trainable weights finite? (One sum per parameter: a nan/inf anywhere makes it non-finite.)"""
+        return bool(torch.isfinite(torch.stack([p.float().sum() for p in self.params]).sum()))
+
     def gathered(self):
         """The whole weights are on every rank already (ZeroOptimizer's stage 3 gathers them here)."""
         return contextlib.nullcontext()

@@ -6,31 +6,54 @@ A checkpoint holds what makes `--resume` continue bit-identically: the trainable
 (written by the optimizer itself: AllReduceAdamW's trainable.safetensors + AdamW state, or ZeroOptimizer's
 world-size independent zero.safetensors), the LR scheduler, every RNG state, and the step, which is also the
 data position (train.py's batch order is a pure function of seed and step). It is written into
-`.tmp-step-N` and renamed into place by model/atomic.py, so a run killed during a save keeps the previous one.
+`.tmp-step-N` and renamed into place by model/atomic.py, so a run killed during a save keeps the previous one;
+a manifest (sizes + BLAKE2 hashes of its files) written last lets `--resume` detect a damaged one and fall back.
+
+The output directory itself is guarded (`check_out`, `claim_out`): it must be new, empty or made by nanotune
+(a marker file), never the model's own directory; a run holds an OS lock on it for its whole life (released by
+the kernel when the process dies, so a crash leaves no stale lock), and a second run into it is refused.
 """
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import os
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from model.atomic import atomic_dir
 
 
-def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank: int = 0):
-    """Every rank calls it (a ZeRO optimizer gathers its shards in a collective); rank 0 writes the files."""
+def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank: int = 0, config: dict | None = None):
+    """Every rank calls it (a ZeRO optimizer gathers its shards in a collective); rank 0 writes the files.
+    `config`: what the run's trajectory depends on, kept so that `--resume` can check it (`config_changes`)."""
     root = out / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     # only rank 0 creates and renames the directory; the others pass the same path to the optimizer's collective
-    with atomic_dir(final, tmp=tmp) if rank == 0 else contextlib.nullcontext(tmp) as tmp:
-        state = optimizer.save(tmp, rank)
-        if rank == 0:
-            torch.save({**state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                        "python_rng": random.getstate()}, tmp / "state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+    try:
+        with atomic_dir(final, tmp=tmp) if rank == 0 else contextlib.nullcontext(tmp) as tmp:
+            state = optimizer.save(tmp, rank)
+            if rank == 0:
+                torch.save({**state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                            "python_rng": random.getstate()}, tmp / "state.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config}) + "\n")
+                write_manifest(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its writer
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e):
+            need = sum(f.stat().st_size for f in (root / f"step-{max(complete_checkpoints(out) or [0])}").glob("*")
+                       if f.is_file())
+            raise SystemExit(f"error: no space left on the device of {root} while writing step-{step}"
+                             + (f" (the last checkpoint took {need / 2**20:.1f} MiB)" if need else "")
+                             + "; the previous checkpoints are kept") from None
+        raise
     if rank == 0:
         for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(root / f"step-{old}")
@@ -42,7 +65,7 @@ def complete_checkpoints(out: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(d.name[5:]) for d in root.iterdir()
-                  if d.name.startswith("step-") and (d / "trainer_state.json").is_file())
+                  if d.name.startswith("step-") and d.name[5:].isdigit() and (d / "trainer_state.json").is_file())
 
 
 def remove_partial(out: Path):
@@ -51,12 +74,69 @@ def remove_partial(out: Path):
         shutil.rmtree(d)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that can't be trusted (changed since written, unreadable, non-finite): `--resume` falls back
+    to the one before it."""
+
+
+def write_manifest(d: Path):
+    """manifest.json: every file's size and BLAKE2b hash, written last (checked by verify_manifest)."""
+    files = {f.name: {"bytes": f.stat().st_size, "blake2b": file_hash(f)} for f in sorted(d.iterdir()) if f.is_file()}
+    (d / "manifest.json").write_text(json.dumps(files, indent=1) + "\n")
+
+
+def verify_manifest(d: Path):
+    """ValueError naming the first file of checkpoint dir `d` that is missing, resized or changed."""
+    try:
+        files = json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DamagedCheckpoint(f"{d}: no readable manifest.json ({type(e).__name__})") from None
+    for name, want in files.items():
+        f = d / name
+        if not f.is_file() or f.stat().st_size != want["bytes"] or file_hash(f) != want["blake2b"]:
+            raise DamagedCheckpoint(f"{f}: missing or changed since it was written (size/hash differ from its manifest)")
+
+
+def file_hash(f: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_config(out: Path, step: int) -> dict | None:
+    """The trajectory config saved with checkpoint `step` (None for checkpoints written before it was)."""
+    f = out / "checkpoints" / f"step-{step}" / "trainer_state.json"
+    try:
+        return json.loads(f.read_text()).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DamagedCheckpoint(f"{f}: unreadable ({type(e).__name__})") from None
+
+
+def config_changes(saved: dict | None, now: dict, allowed) -> list[str]:
+    """`key: saved -> now` for every key whose value changed, except the `allowed` ones."""
+    if saved is None:
+        return []
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k not in allowed]
+
+
 def load_checkpoint(out: Path, step: int, optimizer, scheduler):
-    """Every rank loads the same checkpoint (a ZeRO optimizer takes its own shard). Raises ValueError with one
-    line for a checkpoint the optimizer can't take (written with/without --zero, other parameter names)."""
+    """Every rank loads the same checkpoint (a ZeRO optimizer takes its own shard) after checking its manifest.
+    Raises ValueError with one line for a damaged checkpoint or one the optimizer can't take (written
+    with/without --zero, other parameter names), and for non-finite weights in it."""
     d = out / "checkpoints" / f"step-{step}"
-    st = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+    if (d / "manifest.json").exists() or not (d / "trainer_state.json").is_file():
+        verify_manifest(d)
+    try:
+        st = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign state.pt: torch's unpickler raises many types
+        raise DamagedCheckpoint(f"{d / 'state.pt'}: unreadable ({type(e).__name__})") from None
     optimizer.load(d, st)
+    if not optimizer.finite():
+        raise DamagedCheckpoint(f"{d}: holds non-finite (nan/inf) weights")
     scheduler.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["torch_rng"])
     if st["cuda_rng"]:
@@ -64,9 +144,113 @@ def load_checkpoint(out: Path, step: int, optimizer, scheduler):
     random.setstate(_tuples(st["python_rng"]))
 
 
+def resume(out: Path, traj: dict, optimizer, scheduler, lr: float, allowed=()) -> int:
+    """--resume: load the newest checkpoint that loads (a damaged one is reported and the one before it tried),
+    once its trajectory settings equal this run's `traj`, but for the `allowed` keys (--resume-override). The
+    LR schedule then follows this run's `lr`. Returns the step resumed from (0: there is no checkpoint)."""
+    steps = complete_checkpoints(out)
+    while steps:
+        try:
+            changes = config_changes(checkpoint_config(out, steps[-1]), traj, allowed)
+            if changes:
+                raise SystemExit(f"error: --resume: {out} was trained with other settings: {'; '.join(changes)} "
+                                 f"(pass --resume-override {','.join(c.split(':')[0] for c in changes)} to go on "
+                                 "with the new ones)")
+            load_checkpoint(out, steps[-1], optimizer, scheduler)
+        except DamagedCheckpoint as e:
+            print(f"warning: {e}: trying the checkpoint before it", file=sys.stderr, flush=True)
+            steps.pop()
+            continue
+        except ValueError as e:  # written with/without --zero, or parameter names that don't match
+            raise SystemExit(f"error: {e}") from None
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)  # the same as saved unless --lr was overridden
+        for g, f in zip(optimizer.optimizer.param_groups, scheduler.lr_lambdas):
+            g["lr"] = lr * f(scheduler.last_epoch)
+        return steps[-1]
+    if complete_checkpoints(out):
+        raise SystemExit(f"error: {out}: none of its checkpoints could be loaded")
+    return 0
+
+
+def same_on_all_ranks(traj: dict):
+    """Every rank must run the same thing: a one-line error (on every rank) naming the first difference."""
+    if not dist.is_initialized():
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, traj)
+    diff = next((r for r, t in enumerate(every) if t != every[0]), None)
+    if diff is not None:
+        raise SystemExit(f"error: rank {diff} has other settings than rank 0: "
+                         + "; ".join(config_changes(every[0], every[diff], ())))
+
+
 def _tuples(x):
     """random.getstate() comes back from torch.load with lists where it had tuples."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---- the output directory ----
+MARKER = ".nanotune-run"  # says "nanotune made this directory"; also the lock file (holding the pid)
+
+
+def check_out(out: Path, model: str):
+    """Refuse, before anything is written, an --out that is not ours to write: the current directory, the
+    model's own directory (or a folder inside it), a file, or a non-empty directory that nanotune did not make.
+    Raises ValueError with one line naming what is there."""
+    if str(out) in ("", "."):
+        raise ValueError("--out: give an output directory (not the current directory)")
+    o = out.resolve()
+    if o == Path.cwd().resolve():
+        raise ValueError(f"--out {out}: that is the current directory; give a new directory for the run")
+    m = Path(model).resolve() if model else None
+    if m is not None and (o == m or m in o.parents or (m.is_file() and o == m.parent)):
+        raise ValueError(f"--out {out}: inside the model's own directory {model}; the run would write over it")
+    if o.exists() and not o.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    if o.is_dir() and not (o / MARKER).is_file():
+        there = sorted(p.name for p in o.iterdir())
+        if there:
+            raise ValueError(f"--out {out}: holds files nanotune did not write ({', '.join(there[:4])}"
+                             f"{', ...' if len(there) > 4 else ''}); give a new or empty directory")
+
+
+def claim_out(out: Path):
+    """Create --out (with the marker) and take its lock for the life of this process (rank 0 only). A second run
+    into the same directory gets a one-line error with the first one's pid. Returns the lock's file object."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / MARKER, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"error: {out}: another run (pid {f.read().strip() or '?'}) is using it; "
+                         "wait for it or give another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+# ---- SIGTERM / SIGINT: finish the step, checkpoint, exit ----
+class StopSignal:
+    """Records SIGTERM (how SLURM and Kubernetes preempt) and SIGINT (Ctrl-C) instead of dying mid-step: the
+    training loop asks `stop` after each step, saves a checkpoint and exits with 128 + the signal number. A
+    second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:  # the second Ctrl-C: now
+            os.write(2, b"interrupted again: exiting without a checkpoint\n")
+            os._exit(130)
+        self.signum = signum
 
 
 class Logger:

@@ -316,6 +316,15 @@ class ZeroOptimizer:
         return {"params": params, "grads": grads, "master": sum(b.master.nbytes for b in self.buckets),
                 "optim": optim}
 
+    @torch.no_grad()
+    def finite(self) -> bool:
+        """Are all fp32 master weights finite, on every rank? (A collective: every rank calls it.)"""
+        bad = torch.tensor([0.0 if all(torch.isfinite(b.master.sum()) for b in self.buckets) else 1.0],
+                           device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        return bad.item() == 0
+
     def gathered(self):
         """A context in which stage 3's weights are whole on every rank (e.g. to save the model); every rank
         enters it. Stages 1 and 2 keep whole weights anyway."""

@@ -151,12 +151,13 @@ def test_malformed_record_one_line_error(case, tiny_model_dir, tmp_path):
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".nanotune-run").touch()  # a directory of an earlier run (nanotune's marker)
     (out / "config.json").write_text("previous run")
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(tiny_model_dir), "--data", str(f), "--out", str(out), "--method", "full"])
     msg = str(e.value.code)
     assert msg.startswith(f"error: {f}:{line}: ") and what in msg and "\n" not in msg, msg
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".nanotune-run", "config.json"]
     assert (out / "config.json").read_text() == "previous run"
 
 

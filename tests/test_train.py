@@ -74,10 +74,10 @@ def test_loss_parity_with_hf_full_and_lora(setup):
         ours[name] = losses(d / f"parity-{name}")
     cfg = train.parse_args(argv)
     tok = M.load_tokenizer(cfg.model)
-    exs, _, _ = train.load_data(cfg, tok, 0)
-    batches, order = {}, train.batch_order(exs, cfg, 1)
+    exs, _, _ = train.data.load_splits(tok, cfg)
+    batches, order = {}, train.data.BatchOrder([len(e.ids) for e in exs], cfg.batch_size, cfg.seed)
     for i in range(steps):
-        (b,) = train.micro_batches(order, exs, cfg, i, 0, 1, tok.pad_id)
+        (b,) = order.micro_batches(exs, i, 0, 1, cfg.batch_size, 1, tok.pad_id)
         assert b["position_ids"] is None
         am = b["attention_mask"] if b["attention_mask"] is not None else torch.ones_like(b["input_ids"])
         batches.update({f"{i}.input_ids": b["input_ids"], f"{i}.labels": b["labels"], f"{i}.attention_mask": am})
@@ -124,7 +124,7 @@ def test_grad_accum_equals_big_batch_uneven_lengths(setup):
     train.main(args(setup, d / "acc-2x2", "--max-steps", "6", "--batch-size", "2", "--grad-accum", "2"))
     cfg = train.parse_args(args(setup, d / "x", "--max-steps", "6"))
     tok = M.load_tokenizer(cfg.model)
-    exs, _, _ = train.load_data(cfg, tok, 0)
+    exs, _, _ = train.data.load_splits(tok, cfg)
     lens = [len(exs[i].ids) for i in train.data.batch_order([len(e.ids) for e in exs], 4, cfg.seed, 0)[0]]
     assert len(set(lens)) > 1  # uneven sequence lengths inside a global batch
     torch.testing.assert_close(torch.tensor(losses(d / "acc-2x2")), torch.tensor(losses(d / "acc-1x4")),
@@ -185,8 +185,8 @@ def test_kill_during_checkpoint_save_keeps_previous(setup):
     assert r.returncode == -9
     ck = d / "crash" / "checkpoints"
     assert train.complete_checkpoints(d / "crash") == [5] and (ck / ".tmp-step-10").is_dir()
-    assert sorted(p.name for p in (ck / "step-5").iterdir()) == ["state.pt", "trainable.safetensors",
-                                                                 "trainer_state.json"]
+    assert sorted(p.name for p in (ck / "step-5").iterdir()) == ["manifest.json", "state.pt",
+                                                                 "trainable.safetensors", "trainer_state.json"]
     run_script(args(setup, d / "crash", *LORA, "--resume", method="lora"))
     assert not (ck / ".tmp-step-10").exists() and train.complete_checkpoints(d / "crash") == [5, 10]
     a, b = final_weights(d / "res-a"), final_weights(d / "crash")

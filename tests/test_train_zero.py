@@ -112,7 +112,7 @@ def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
     r = torchrun(zero3, patch=KILL_AFTER_SAVE_4, check=False)
     assert r.returncode != 0 and train.complete_checkpoints(d / "z3") == [4], r.stderr[-3000:]
     assert sorted(p.name for p in (d / "z3" / "checkpoints" / "step-4").iterdir()) == [
-        "state.pt", "trainer_state.json", "zero.safetensors"]
+        "manifest.json", "state.pt", "trainer_state.json", "zero.safetensors"]
     torchrun(zero3 + ["--resume"])
     assert train.complete_checkpoints(d / "z3") == [4, 8]
     assert_same_run(d / "z3", d / "plain-lora")
