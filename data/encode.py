@@ -23,13 +23,14 @@ class Example:
 
 def assistant_spans(tok, messages, template=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of the assistant answers + end-of-turn tokens."""
-    text = tok.apply_chat_template(messages, template=template)
+    render = tok.chat_renderer(template)
+    text = render(messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True, template=template) if i else ""
-        upto = tok.apply_chat_template(messages[:i + 1], template=template)
+        prefix = render(messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(messages[:i + 1]) if i + 1 < len(messages) else text
         if i and text.startswith(prefix) and text.startswith(upto) and len(prefix) >= cursor:
             start, end = len(prefix), len(upto.rstrip())
         else:  # a template whose prefixes are not stable (e.g. adds a system prompt only for some turns)
