@@ -35,17 +35,28 @@ def assistant_spans(tok, messages, template=None) -> tuple[str, list[tuple[int, 
         if i and text.startswith(prefix) and text.startswith(upto) and len(prefix) >= cursor:
             start, end = len(prefix), len(upto.rstrip())
         else:  # a template whose prefixes are not stable (e.g. adds a system prompt only for some turns)
-            start = text.find(m["content"], cursor)
-            if start < 0:
-                raise ValueError("the chat template does not reproduce an assistant message verbatim")
-            end = start + len(m["content"])
-            rest = text[end:]
-            end += len(rest) - len(rest.lstrip())  # whitespace, then the end-of-turn token if one follows
-            eot = next((t for t in (*END_OF_TURN, tok.eos_token or "") if t and rest.lstrip().startswith(t)), None)
-            end = end + len(eot) if eot else start + len(m["content"])
+            start, end = _find_answer(tok, text, messages, i, cursor)
         spans.append((start, end))
         cursor = end
     return text, spans
+
+
+def _find_answer(tok, text, messages, i, cursor):
+    """The span of messages[i] found verbatim in `text` (templates may trim it): searched after the message before
+    it (so an answer quoted in its question is not taken for it), then after `cursor`; plus whitespace and the
+    end-of-turn token if one follows."""
+    content = messages[i]["content"].strip() or messages[i]["content"]
+    before = messages[i - 1]["content"].strip() if i else ""
+    at = text.find(before, cursor) if before else -1
+    start = text.find(content, at + len(before)) if at >= 0 else -1
+    if start < 0:
+        start = text.find(content, cursor)
+    if start < 0:
+        raise ValueError("the chat template does not reproduce an assistant message verbatim")
+    end = start + len(content)
+    rest = text[end:].lstrip()
+    eot = next((t for t in (*END_OF_TURN, tok.eos_token or "") if t and rest.startswith(t)), None)
+    return start, (len(text) - len(rest) + len(eot)) if eot else end
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
