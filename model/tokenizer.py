@@ -28,10 +28,15 @@ BUILTIN_TEMPLATES = {
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '')"
         " + m['content'] | trim + ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim"
         " + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    # Stanford Alpaca's prompt (its no-input preamble unless a system message is given, "### Instruction:\n",
+    # "### Response:\n", EOS after the answer); turns are separated by a blank line
     "alpaca": (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+        "{% set messages = messages[1:] %}{% else %}{{ 'Below is an instruction that describes a task. Write a "
+        "response that appropriately completes the request.\n\n' }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token }}"
+        "{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"),
 }
 # tokens that end an assistant turn in the common templates (generation stops at any of them)
