@@ -41,16 +41,20 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-# run inside the code tree under test (cwd = that tree): load, then print a digest of every example's ids + mask
-DIGEST = """
-import hashlib, sys
+# run inside the code tree under test (cwd = that tree): what data.inspect does before printing, timed, then a
+# digest of every example's ids + mask
+WORKER = """
+import hashlib, sys, time
 from model import load_tokenizer
 from data.batches import load_examples
+t0 = time.perf_counter()
 tok = load_tokenizer(sys.argv[1])
 exs, st = load_examples(tok, [sys.argv[2]], 2048)
+dt = time.perf_counter() - t0
 h = hashlib.sha256()
 for e in exs:
     h.update(e.ids.tobytes()); h.update(e.train.tobytes()); h.update(bytes([e.truncated]))
+print(dt)
 print(len(exs), st["tokens"], st["trained_tokens"], h.hexdigest())
 """
 
@@ -68,7 +72,7 @@ def run(tree: Path, args: list[str]) -> tuple[float, str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=3, help="timed processes per side")
+    ap.add_argument("--rounds", type=int, default=2, help="timed processes per side")
     ap.add_argument("--base", default="791baaf", help="the commit to compare the working tree with")
     ap.add_argument("--model", default=None, help="tokenizer dir (default: the real SmolLM2)")
     ap.add_argument("--new", default=str(REPO), help="the code tree to time against the base (default: this one)")
@@ -84,31 +88,35 @@ def main():
         subprocess.run(f"git -C {REPO} archive {a.base} | tar -x -C {base}", shell=True, check=True)
         data = tmp / "sharegpt.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in make_records(a.records)))
-        (tmp / "digest.py").write_text(DIGEST)
+        (tmp / "worker.py").write_text(WORKER)
         sides = {f"base {a.base}": base, "new": Path(a.new)}
-        digests = {k: run(t, [str(tmp / "digest.py"), a.model, str(data)])[1].strip() for k, t in sides.items()}
-        for k, d in digests.items():
-            print(f"{k}: examples, tokens, trained tokens, sha256(ids + masks) = {d}")
-        same = len(set(digests.values())) == 1
-        print("outputs identical" if same else "OUTPUTS DIFFER")
-        cmd = ["-m", "data.inspect", "--model", a.model, "--data", str(data), "-n", "0"]
-        times = {k: [] for k in sides}
+        times, walls, digests = ({k: [] for k in sides} for _ in range(3))
         order = list(sides)
         for r in range(a.rounds):
             for k in (order if r % 2 == 0 else order[::-1]):
-                times[k].append(run(sides[k], cmd)[0])
-        print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+                wall, out = run(sides[k], [str(tmp / "worker.py"), a.model, str(data)])
+                t, digest = out.strip().splitlines()
+                times[k].append(float(t))
+                walls[k].append(wall)
+                digests[k].append(digest)
+                print(f"round {r} {k}: {float(t):.1f} s ({wall:.1f} s process); examples, tokens, trained tokens, "
+                      f"sha256(ids + masks) = {digest}", flush=True)
+        same = len({d for v in digests.values() for d in v}) == 1
+        print("outputs identical (every round)" if same else "OUTPUTS DIFFER")
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                   platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+        print(f"\nmachine: {cpu}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}; {a.records} sharegpt records ({data.stat().st_size / 1e6:.1f} MB), "
               f"tokenizer {a.model}")
-        print(f"command: python -m data.inspect --model M --data F -n 0 (fresh process each, {a.rounds} per side, "
-              f"alternating)\n")
+        print(f"timed: load_tokenizer + load_examples(seq_len 2048), as `python -m data.inspect --model M --data F "
+              f"-n 0` runs it; a fresh process each, {a.rounds} per side, alternating\n")
         med = {k: statistics.median(v) for k, v in times.items()}
         b = med[order[0]]
-        print("| code | median s | records/s | rounds (s) | speed-up |")
-        print("|---|---|---|---|---|")
+        print("| code | median s | records/s | rounds (s) | process wall (s) | speed-up |")
+        print("|---|---|---|---|---|---|")
         for k in order:
-            print(f"| {k} | {med[k]:.2f} | {a.records / med[k]:.0f} | {', '.join(f'{t:.2f}' for t in times[k])} | "
-                  f"{b / med[k]:.2f}x |")
+            print(f"| {k} | {med[k]:.1f} | {a.records / med[k]:.0f} | {', '.join(f'{t:.1f}' for t in times[k])} | "
+                  f"{', '.join(f'{t:.1f}' for t in walls[k])} | {b / med[k]:.1f}x |")
         if not same:
             sys.exit("the two versions tokenise differently")
 
