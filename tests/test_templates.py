@@ -124,7 +124,8 @@ def hf(bpe_dir, sp_dir, tmp_path_factory):
     dirs = {"bpe_dir": str(bpe_dir), "sp_dir": str(sp_dir), "chatml_dir": str(make_tokenizer(work / "chatml"))}
     cases = {k: (dirs[d], BUILTIN_TEMPLATES.get(ours, ours), tagged) for k, (d, ours, tagged) in MASK_CASES.items()}
     (work / "in.json").write_text(json.dumps({"convs": CONVS, "builtin": BUILTIN_TEMPLATES, "dirs": dirs,
-                                              "mask_cases": cases, "quoted": QUOTED}))
+                                              "mask_cases": cases, "quoted": QUOTED,
+                                              "single_turn": SINGLE_TURN}))
     run_reference("""
         import importlib.util
         from transformers import AutoTokenizer
@@ -163,7 +164,7 @@ def hf(bpe_dir, sp_dir, tmp_path_factory):
                     elif fmt == "chatml":
                         ref = fastchat("OpenHermes-2.5-Mistral-7B", msgs, gp) if msgs[0]["role"] == "system" else None
                     else:
-                        ref = fastchat("alpaca", msgs, gp) if c in (3, 4, 5) else None
+                        ref = fastchat("alpaca", msgs, gp) if c in inp["single_turn"] else None
                     out["ref"][key] = ref
         for name, (d, ours, tagged) in inp["mask_cases"].items():
             tok = AutoTokenizer.from_pretrained(d)
@@ -219,8 +220,9 @@ def test_prompt_masking_matches_transformers(hf, case, request):
         assert ex.train.astype(int).tolist() == ref["mask"], (case, msgs)
         # trained: each answer and its end-of-turn token (the last trained token of each run), nothing of the
         # prompt (the user's quoted "yes" included)
+        answers = [m["content"] for m in msgs if m["role"] == "assistant"]
         runs = [r for r in "".join("1" if t else "0" for t in ex.train).split("0") if r]
-        assert len(runs) == len(answers := [m["content"] for m in msgs if m["role"] == "assistant"])
+        assert len(runs) == len(answers)
         ends = [i for i in range(len(ex.ids)) if ex.train[i] and (i + 1 == len(ex.ids) or not ex.train[i + 1])]
         assert all(int(ex.ids[i]) in tok.stop_ids for i in ends)
         trained = tok.decode(ex.ids[ex.train].tolist(), skip_special_tokens=False)
