@@ -238,3 +238,29 @@ def test_unstable_template_takes_the_fallback_branch(bpe_dir):
     full, spans = data.assistant_spans(tok, QUOTED, tmpl)
     assert [full[a:b] for a, b in spans] == ["yes<|eot_id|>", "no<|eot_id|>"]
     assert full.index("Say yes") < spans[0][0]
+
+
+def test_sentencepiece_offsets_non_ascii(sp_dir):
+    """Sentencepiece offsets are bytes: answers after multi-byte characters (and byte-fallback pieces) still mask
+    exactly the answer."""
+    tok = M.load_tokenizer(sp_dir)
+    msgs = [{"role": "user", "content": "Café, 日本語 🙂?"}, {"role": "assistant", "content": "Ja, très 🙂 bien."},
+            {"role": "user", "content": "ö"}, {"role": "assistant", "content": "Ü ß"}]
+    for template in ("llama2", "llama3", "alpaca"):
+        text = tok.apply_chat_template(msgs, template=template)
+        ex = data.encode_record(tok, "chat", msgs, seq_len=4096, template=template)[0]
+        assert ex.ids.tolist() == tok.encode(text, add_special_tokens=False)
+        edges = [i + 1 for i in range(len(ex.ids) - 1) if ex.train[i] != ex.train[i + 1]]
+        runs = [ex.ids[a:b].tolist() for a, b in zip([0, *edges], [*edges, len(ex.ids)]) if ex.train[a]]
+        eot = "|".join(map(re.escape, END_OF_TURN))  # sentencepiece drops </s> when decoding, not <|eot_id|>
+        assert [re.sub(eot, "", tok.decode(r)).strip() for r in runs] == ["Ja, très 🙂 bien.", "Ü ß"], template
+        assert all(r[-1] in tok.stop_ids for r in runs)
+
+
+def test_each_template_is_compiled_once(bpe_dir):
+    from model.tokenizer import _compiled
+    tok = M.load_tokenizer(bpe_dir)
+    _compiled.cache_clear()
+    for _ in range(3):
+        data.encode_record(tok, "chat", CONVS[0], seq_len=4096, template="llama3")
+    assert (_compiled.cache_info().misses, _compiled.cache_info().hits) == (1, 2)  # one lookup a record
