@@ -6,6 +6,7 @@ prefixes: assistant turn i spans from the end of render(messages[:i], add_genera
 render(messages[:i+1]) with trailing whitespace removed, i.e. the answer plus its end-of-turn token. Tokens whose
 first character lies in a trained span are trained; everything else (system, user, role headers) gets label -100.
 """
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,47 +24,118 @@ class Example:
 
 def assistant_spans(tok, messages, template=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of the assistant answers + end-of-turn tokens."""
-    text = tok.apply_chat_template(messages, template=template)
+    render = tok.chat_renderer(template)
+    text = render(messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True, template=template) if i else ""
-        upto = tok.apply_chat_template(messages[:i + 1], template=template)
+        prefix = render(messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(messages[:i + 1]) if i + 1 < len(messages) else text
         if i and text.startswith(prefix) and text.startswith(upto) and len(prefix) >= cursor:
             start, end = len(prefix), len(upto.rstrip())
         else:  # a template whose prefixes are not stable (e.g. adds a system prompt only for some turns)
-            start = text.find(m["content"], cursor)
-            if start < 0:
-                raise ValueError("the chat template does not reproduce an assistant message verbatim")
-            end = start + len(m["content"])
-            rest = text[end:]
-            end += len(rest) - len(rest.lstrip())  # whitespace, then the end-of-turn token if one follows
-            eot = next((t for t in (*END_OF_TURN, tok.eos_token or "") if t and rest.lstrip().startswith(t)), None)
-            end = end + len(eot) if eot else start + len(m["content"])
+            start, end = _find_answer(tok, text, messages, i, cursor)
         spans.append((start, end))
         cursor = end
     return text, spans
 
 
+def _find_answer(tok, text, messages, i, cursor):
+    """The span of messages[i] found verbatim in `text` (templates may trim it): searched after the message before
+    it (so an answer quoted in its question is not taken for it), then after `cursor`; plus whitespace and the
+    end-of-turn token if one follows."""
+    content = messages[i]["content"].strip() or messages[i]["content"]
+    before = messages[i - 1]["content"].strip() if i else ""
+    at = text.find(before, cursor) if before else -1
+    start = text.find(content, at + len(before)) if at >= 0 else -1
+    if start < 0:
+        start = text.find(content, cursor)
+    if start < 0:
+        raise ValueError("the chat template does not reproduce an assistant message verbatim")
+    end = start + len(content)
+    rest = text[end:].lstrip()
+    eot = next((t for t in (*END_OF_TURN, tok.eos_token or "") if t and rest.startswith(t)), None)
+    return start, (len(text) - len(rest) + len(eot)) if eot else end
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        c = buf[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        shift += 7
+        if c < 0x80:
+            return x, i
+
+
+def _skip(buf: bytes, i: int, wire: int) -> int:
+    if wire == 0:
+        return _varint(buf, i)[1]
+    if wire == 2:
+        n, i = _varint(buf, i)
+        return i + n
+    return i + {1: 8, 5: 4}[wire]
+
+
+def _sp_pieces(buf: bytes) -> list[tuple[int, int]]:
+    """(id, first byte in the input) of each piece of a serialized sentencepiece `SentencePieceText`
+    (field 2: pieces; in a piece, field 2: id, field 4: begin). Parsed here so that protobuf is not a dependency."""
+    out, i = [], 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        if key != (2 << 3 | 2):
+            i = _skip(buf, i, key & 7)
+            continue
+        n, i = _varint(buf, i)
+        j, end, fields = i, i + n, {2: 0, 4: 0}
+        while j < end:
+            k, j = _varint(buf, j)
+            if k & 7 == 0 and k >> 3 in fields:
+                fields[k >> 3], j = _varint(buf, j)
+            else:
+                j = _skip(buf, j, k & 7)
+        out.append((fields[2], fields[4]))
+        i = end
+    return out
+
+
+def _sp_ids_starts(tok, text):
+    """sentencepiece: the ids of tok.encode(text, add_special_tokens=False) (special tokens split out first, the rest
+    encoded as a whole) and the character where each token starts."""
+    ids, starts, pos = [], [], 0
+    pattern = "|".join(map(re.escape, tok.special_tokens))
+    for m in [*(re.finditer(pattern, text) if pattern else ()), None]:
+        a = m.start() if m else len(text)
+        if a > pos:
+            part = text[pos:a]
+            pieces = _sp_pieces(tok.backend.encode(part, out_type="serialized_proto"))
+            ids += [i for i, _ in pieces]
+            begins = np.array([b for _, b in pieces], dtype=np.int64)
+            if not part.isascii():  # byte offsets -> character offsets
+                char_bytes = np.cumsum([0] + [len(c.encode()) for c in part])[:-1]
+                begins = np.searchsorted(char_bytes, begins, side="right") - 1
+            starts += (begins + pos).tolist()
+        if m:
+            ids.append(tok.token_to_id(m.group()))
+            starts.append(a)
+            pos = m.end()
+    return ids, starts
+
+
 def _tokenise_spans(tok, text, spans):
-    """ids of `text` and a bool per token: does the token start inside one of the spans."""
-    if not tok.is_sp:  # HF tokenizers give character offsets: tokenise the whole text once
+    """ids of `text` (tokenised once, as a whole) and a bool per token: does the token start inside one of the spans."""
+    if tok.is_sp:
+        ids, starts = _sp_ids_starts(tok, text)
+    else:  # HF tokenizers give character offsets
         enc = tok.backend.encode(text, add_special_tokens=False)
-        starts = np.array([s for s, _ in enc.offsets], dtype=np.int64)
-        train = np.zeros(len(enc.ids), dtype=bool)
-        for s, e in spans:
-            train |= (starts >= s) & (starts < e)
-        return np.array(enc.ids, dtype=np.int32), train
-    ids, train, pos = [], [], 0  # sentencepiece: tokenise piece by piece at the span boundaries
-    for s, e in spans + [(len(text), len(text))]:
-        for a, b, flag in ((pos, s, False), (s, e, True)):
-            if b > a:
-                piece = tok.encode(text[a:b], add_special_tokens=False)
-                ids += piece
-                train += [flag] * len(piece)
-        pos = e
-    return np.array(ids, dtype=np.int32), np.array(train, dtype=bool)
+        ids, starts = enc.ids, [s for s, _ in enc.offsets]
+    starts = np.array(starts, dtype=np.int64)
+    train = np.zeros(len(ids), dtype=bool)
+    for s, e in spans:
+        train |= (starts >= s) & (starts < e)
+    return np.array(ids, dtype=np.int32), train
 
 
 def encode_record(tok, kind: str, payload, seq_len: int, template=None, train_on_prompt=False) -> list[Example]:

@@ -4,6 +4,7 @@ Chat templates are the model's own Jinja template (`chat_template` in tokenizer_
 `chat_template.jinja`), rendered with the same Jinja settings as transformers' `apply_chat_template`
 (trim_blocks, lstrip_blocks, a sandbox, `raise_exception`); models that ship none can use a built-in one.
 """
+import functools
 import json
 import re
 from datetime import datetime
@@ -27,17 +28,24 @@ BUILTIN_TEMPLATES = {
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '')"
         " + m['content'] | trim + ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim"
         " + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    # Stanford Alpaca's prompt (its no-input preamble unless a system message is given, "### Instruction:\n",
+    # "### Response:\n", EOS after the answer); turns are separated by a blank line
     "alpaca": (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+        "{% set messages = messages[1:] %}{% else %}{{ 'Below is an instruction that describes a task. Write a "
+        "response that appropriately completes the request.\n\n' }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token }}"
+        "{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"),
 }
 # tokens that end an assistant turn in the common templates (generation stops at any of them)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>", "<end_of_turn>")
 
 
+@functools.cache
 def _jinja_env():
+    """The one sandboxed environment (built once: compiling a template in a new environment costs milliseconds)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
 
     def raise_exception(message):
@@ -48,6 +56,12 @@ def _jinja_env():
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str):
+    """A template source compiled once; a data run renders the same one or two templates for every record."""
+    return _jinja_env().from_string(source)
 
 
 def _token_str(t):
@@ -117,13 +131,21 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             template: str | None = None) -> str:
         """Render a conversation to text. `template`: a built-in name (chatml, llama3, llama2, alpaca) or Jinja."""
+        return self.chat_renderer(template)(messages, add_generation_prompt)
+
+    def chat_renderer(self, template: str | None = None):
+        """`render(messages, add_generation_prompt=False) -> str` for one template, with the compiled template and
+        the special-token variables looked up once (data/encode.py renders 1 + 2 x turns prefixes of each record)."""
         source = BUILTIN_TEMPLATES.get(template, template) or self.chat_template
         if source is None:
             raise ValueError(f"this tokenizer has no chat template; pick one of {', '.join(BUILTIN_TEMPLATES)}")
+        compiled = _compiled(source)
         kw = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token")}
-        return _jinja_env().from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                        **{**kw, "bos_token": self.bos_token or "",
-                                                           "eos_token": self.eos_token or ""})
+        kw.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+        def render(messages, add_generation_prompt=False):
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **kw)
+        return render
 
     def save(self, path):
         """Write tokenizer.json / tokenizer.model + tokenizer_config.json (with the chat template)."""

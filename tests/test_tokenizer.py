@@ -55,6 +55,8 @@ def test_builtin_templates_render(sp_dir):
         "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
         "U1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user"
         "<|end_header_id|>\n\nU2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert tok.apply_chat_template(conv[1:3], template="alpaca") == "### Instruction:\nU1\n\n### Response:\nA1</s>\n\n"
+    assert tok.apply_chat_template(conv[1:3], template="alpaca") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nU1\n\n### Response:\nA1</s>")
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template(conv)
