@@ -36,18 +36,24 @@ def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank:
     `config`: what the run's trajectory depends on, kept so that `--resume` can check it (`config_changes`)."""
     root = out / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    every = [rng]  # each rank's RNG states (dropout masks differ per rank), gathered to rank 0's state.pt
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, rng)
     # only rank 0 creates and renames the directory; the others pass the same path to the optimizer's collective
     try:
         with atomic_dir(final, tmp=tmp) if rank == 0 else contextlib.nullcontext(tmp) as tmp:
             state = optimizer.save(tmp, rank)
             if rank == 0:
-                torch.save({**state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                            "python_rng": random.getstate()}, tmp / "state.pt")
+                torch.save({**state, "scheduler": scheduler.state_dict(), **rng, "rank_rng": every},
+                           tmp / "state.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": config}) + "\n")
                 write_manifest(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its writer
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e):
+    except Exception as e:  # a full disk: OSError, torch.save's RuntimeError, safetensors' own error type
+        if getattr(e, "errno", None) == errno.ENOSPC or any(m in str(e) for m in ("No space left", "os error 28",
+                                                                                  "file write failed")):
             need = sum(f.stat().st_size for f in (root / f"step-{max(complete_checkpoints(out) or [0])}").glob("*")
                        if f.is_file())
             raise SystemExit(f"error: no space left on the device of {root} while writing step-{step}"
@@ -138,10 +144,12 @@ def load_checkpoint(out: Path, step: int, optimizer, scheduler):
     if not optimizer.finite():
         raise DamagedCheckpoint(f"{d}: holds non-finite (nan/inf) weights")
     scheduler.load_state_dict(st["scheduler"])
-    torch.set_rng_state(st["torch_rng"])
-    if st["cuda_rng"]:
-        torch.cuda.set_rng_state_all(st["cuda_rng"])
-    random.setstate(_tuples(st["python_rng"]))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rng = st["rank_rng"][rank] if len(st.get("rank_rng", [])) == world else st  # other world size: rank 0's
+    torch.set_rng_state(rng["torch_rng"])
+    if rng["cuda_rng"]:
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    random.setstate(_tuples(rng["python_rng"]))
 
 
 def resume(out: Path, traj: dict, optimizer, scheduler, lr: float, allowed=()) -> int:
@@ -218,6 +226,9 @@ def claim_out(out: Path):
     """Create --out (with the marker) and take its lock for the life of this process (rank 0 only). A second run
     into the same directory gets a one-line error with the first one's pid. Returns the lock's file object."""
     out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _LOCKS:  # this process ran into `out` before (train.main called again in one process)
+        _LOCKS.pop(key).close()
     f = open(out / MARKER, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,7 +240,11 @@ def claim_out(out: Path):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
+    _LOCKS[key] = f
     return f
+
+
+_LOCKS = {}  # out dir -> this process's locked marker file
 
 
 # ---- SIGTERM / SIGINT: finish the step, checkpoint, exit ----

@@ -1,9 +1,6 @@
 """train.py: loss parity with HF (full FT and LoRA), grad accumulation, 2 gloo ranks, exact resume after SIGKILL,
 crash during a checkpoint save, NaN stop, chunked cross-entropy, eval loss, TOML config. Tiny random models."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,8 @@ from safetensors.torch import load_file, save_file
 import model as M
 import train
 from tests.reference import run_reference
-from tests.tiny import chat_records, run_inputs, write_jsonl
+from tests.tiny import chat_records, run_inputs, run_train, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--batch-size", "4", "--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmup", "3",
           "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", "3"]
 
@@ -44,20 +40,7 @@ def final_weights(out) -> dict:
 
 def run_script(argv, patch="", torchrun=0, check=True):
     """train.main(argv) in a fresh process (optionally with a monkeypatch, or under torchrun)."""
-    code = "import os, signal, sys, torch; sys.path.insert(0, %r); import train\n%s\ntrain.main(%r)" % (
-        str(REPO), patch, argv)
-    cmd = [sys.executable, "-c", code]
-    if torchrun:
-        script = Path(argv[argv.index("--out") + 1] + ".py")
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(code)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-               "--master_port", "29731", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(r.stderr[-3000:])
-    return r
+    return run_train(argv, patch, ranks=torchrun, check=check)
 
 
 # --- loss parity with HF transformers (+ HF PEFT) ----------------------------------------------------------------

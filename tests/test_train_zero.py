@@ -2,10 +2,6 @@
 and final weights equal the plain 1-process run with the same global batch; a ZeRO run killed after a checkpoint
 resumes with identical losses; bad flag combinations are one-line errors. Tiny random models."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from tests.tiny import chat_records, run_inputs, write_jsonl
+from tests.tiny import chat_records, run_inputs, run_train, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
 COMMON = ["--seq-len", "256", "--lr", "1e-3", "--weight-decay", "0.01", "--warmup", "2", "--schedule", "cosine",
           "--max-grad-norm", "1.0", "--seed", "3", "--max-steps", str(STEPS)]
@@ -51,23 +46,8 @@ def weights(out) -> dict:
 
 
 def torchrun(argv, patch="", check=True):
-    """train.main(argv) on 2 gloo ranks (a free port for each launch; once more if another process took it)."""
-    script = Path(argv[argv.index("--out") + 1] + ".py")
-    script.write_text("import os, signal, sys, torch; sys.path.insert(0, %r); import train\n%s\ntrain.main(%r)\n"
-                      % (str(REPO), patch, argv))
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(script)]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if "address already in use" not in r.stderr.lower():
-            break
-    if check and r.returncode != 0:
-        raise AssertionError(r.stderr[-3000:])
-    return r
+    """train.main(argv) on 2 gloo ranks."""
+    return run_train(argv, patch, ranks=2, check=check)
 
 
 def assert_same_run(got, want):

@@ -2,6 +2,10 @@
 (ChatML special tokens, pad != eos, SmolLM2's chat template with its default system prompt) and tiny random
 llama checkpoints written by our own save_pretrained (no download, no subprocess)."""
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -84,3 +88,31 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
             out.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
                                      {"role": "assistant", "content": a}]})
     return out
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(argv, patch: str = "", ranks: int = 0, check: bool = True, timeout: int = 300):
+    """train.main(argv) in a fresh process (`patch`: Python run first, e.g. a monkeypatch), or under torchrun on
+    `ranks` gloo ranks (a free port each launch; once more if another process took it). -> CompletedProcess."""
+    code = "import os, signal, sys, time, torch; sys.path.insert(0, %r); import train\n%s\ntrain.main(%r)\n" % (
+        str(REPO), patch, argv)
+    cmd = [sys.executable, "-c", code]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        if ranks:
+            script = Path(argv[argv.index("--out") + 1] + ".py")
+            script.parent.mkdir(parents=True, exist_ok=True)
+            script.write_text(code)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                   str(port), str(script)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+        if not ranks or "address already in use" not in r.stderr.lower():
+            break
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
