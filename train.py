@@ -395,6 +395,9 @@ def main(argv=None):
                      "prompt encoder (the base is frozen): use --zero 1 or 2")
     except (data.DataError, M.CheckpointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    ctx = peft.unwrap(model).cfg.max_position_embeddings
+    if cfg.seq_len > ctx and rank == 0:
+        print(f"warning: --seq-len {cfg.seq_len} exceeds the model's context ({ctx} positions)", file=sys.stderr)
     traj = trajectory(cfg, world, model)
     same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)

@@ -96,6 +96,8 @@ def _jsonl(path: Path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 rec = DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            except (RecursionError, ValueError) as e:  # nesting past the recursion limit, a 5000-digit number
+                rec = DataError(f"{where}: JSON too deeply nested or a number too long ({type(e).__name__})")
             except DataError as e:
                 rec = e
             yield where, rec
@@ -120,6 +122,8 @@ def _json_array(path: Path):
             rec, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{where}: JSON too deeply nested or a number too long ({type(e).__name__})") from None
         yield where, rec
         i = skip(i)
         if i < len(text) and text[i] == ",":

@@ -4,9 +4,12 @@ Chat templates are the model's own Jinja template (`chat_template` in tokenizer_
 `chat_template.jinja`), rendered with the same Jinja settings as transformers' `apply_chat_template`
 (trim_blocks, lstrip_blocks, a sandbox, `raise_exception`); models that ship none can use a built-in one.
 """
+import contextlib
 import functools
 import json
 import re
+import signal
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -62,6 +65,29 @@ def _jinja_env():
 def _compiled(source: str):
     """A template source compiled once; a data run renders the same one or two templates for every record."""
     return _jinja_env().from_string(source)
+
+
+# a chat template is code from a model's files: its rendering is bounded in time and output (the sandbox bounds
+# what it can reach; a loop over range(100000) inside another one would still run for hours)
+TEMPLATE_SECONDS, TEMPLATE_MAX_CHARS = 10.0, 1 << 24
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """TemplateError after `seconds` (SIGALRM; only in the main thread, where train.py and generate.py run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise jinja2.exceptions.TemplateError(f"the chat template ran for more than {seconds:g} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _token_str(t):
@@ -144,7 +170,15 @@ class Tokenizer:
         kw.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
         def render(messages, add_generation_prompt=False):
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **kw)
+            out, n = [], 0
+            with _time_limit(TEMPLATE_SECONDS):
+                for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **kw):
+                    n += len(chunk)
+                    if n > TEMPLATE_MAX_CHARS:
+                        raise jinja2.exceptions.TemplateError(
+                            f"the chat template's output exceeds {TEMPLATE_MAX_CHARS:,} characters")
+                    out.append(chunk)
+            return "".join(out)
         return render
 
     def save(self, path):

@@ -270,3 +270,32 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(setup, whole, t
         verify_manifest(out / "checkpoints" / f"step-{kept[-1]}")  # intact
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# --- hostile data and chat templates -----------------------------------------------------------------------------
+@pytest.mark.parametrize("line,match", [
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON too deeply nested or a number too long"),
+    ('{"text": "a", "n": ' + "9" * 5000 + "}", "JSON too deeply nested or a number too long (ValueError)"),
+], ids=["nested-100k", "5000-digits"])
+def test_hostile_json_is_a_file_line_error(setup, tmp_path, line, match):
+    f = tmp_path / "h.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    one_line_exit(argv(setup, tmp_path / "o", "--data", str(f)), f"{f}:2: {match}")
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+     "the chat template ran for more than 0.5 s"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "the chat template's output exceeds"),
+], ids=["slow", "huge-output"])
+def test_hostile_chat_template_is_bounded(setup, tmp_path, monkeypatch, template, match):
+    import model.tokenizer as T
+    monkeypatch.setattr(T, "TEMPLATE_SECONDS", 0.5)
+    t0 = time.perf_counter()
+    one_line_exit(argv(setup, tmp_path / "o", "--template", template), match)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_seq_len_past_the_model_context_warns(setup, tmp_path, capsys):
+    train.main(argv(setup, tmp_path / "o", "--seq-len", "1024", "--max-steps", "1"))  # the tiny model has 512
+    assert "warning: --seq-len 1024 exceeds the model's context (512 positions)" in capsys.readouterr().err
