@@ -96,10 +96,10 @@ def _jsonl(path: Path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 rec = DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-            except (RecursionError, ValueError) as e:  # nesting past the recursion limit, a 5000-digit number
-                rec = DataError(f"{where}: JSON too deeply nested or a number too long ({type(e).__name__})")
             except DataError as e:
                 rec = e
+            except (RecursionError, ValueError) as e:  # nesting past the recursion limit, a 5000-digit number
+                rec = DataError(f"{where}: JSON too deeply nested or a number too long ({type(e).__name__})")
             yield where, rec
 
 
