@@ -164,11 +164,12 @@ def test_resume_refuses_changed_settings_unless_overridden(setup, whole):
     lr = {r["step"]: r["lr"] for r in recs}
     base = {r["step"]: r["lr"] for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())}
     assert [lr[s] for s in range(1, 6)] == [base[s] for s in range(1, 6)] and sorted(lr) == list(range(1, 13))
-    sched = train.make_scheduler(torch.optim.SGD([torch.zeros(1)], lr=2e-3), train.parse_args(
-        argv(setup, out, "--max-steps", "12", "--lr", "2e-3")), 12)
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    sched = train.make_scheduler(sgd, train.parse_args(argv(setup, out, "--max-steps", "12", "--lr", "2e-3")), 12)
     want = []
-    for _ in range(12):
+    for _ in range(12):  # the schedule a fresh 12-step run with lr 2e-3 follows
         want.append(sched.get_last_lr()[0])
+        sgd.step()
         sched.step()
     assert lr[6] == pytest.approx(want[5], rel=1e-12) and lr[12] == pytest.approx(want[11], rel=1e-12)
 
