@@ -45,11 +45,12 @@ def meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def check_shapes(model: Transformer, shapes: dict[str, tuple], source) -> list[str]:
+def check_shapes(model: Transformer, shapes: dict[str, tuple], source, config: str = "config.json") -> list[str]:
     """Check stored tensors' names and shapes (`shapes`: name -> shape, e.g. from a safetensors header, before any
     data is read) against the model's still-meta tensors. A model just built on the meta device has every tensor
     still meta; quant's NF4 loader has attached its quantized layers already and passes the rest. Missing,
-    unexpected or misshapen tensors are a CheckpointError naming `source`. Returns the names to attach."""
+    unexpected or misshapen tensors are a CheckpointError naming `source` (and `config`, where the shapes come from).
+    Returns the names to attach."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
     if model.cfg.tie_word_embeddings:  # some tied checkpoints store lm_head anyway
         expected.pop("lm_head.weight", None)
@@ -64,7 +65,7 @@ def check_shapes(model: Transformer, shapes: dict[str, tuple], source) -> list[s
         raise CheckpointError(f"{source}: unexpected tensor(s): {_listed(unexpected)}")
     for k, shape in expected.items():
         if tuple(shapes[k]) != shape:
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(shapes[k])}, config.json implies {shape}")
+            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(shapes[k])}, {config} implies {shape}")
     return list(expected)
 
 
