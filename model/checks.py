@@ -6,12 +6,17 @@ numbers belong ("16"), so a value is checked against the annotation of the datac
 an int (not a bool, not a float), `float` a finite int or float, `bool` true / false, `X | None` also null.
 """
 import math
+import os
+import resource
 import types
 import typing
 
 # The largest dimension or count we accept from a file. No released model comes near it (vocabularies reach ~2**18,
 # hidden sizes ~2**15), and two of them multiply to under 2**63, so even a meta-device model of them can be built.
 MAX_SIZE = 2**24
+# The most layers a stack read from a file may have (the largest released models have ~2**7): building an LSTM of
+# 10**4 layers takes minutes, even on the meta device.
+MAX_LAYERS = 1024
 
 
 def _short(value) -> str:
@@ -66,3 +71,11 @@ def positive(value, source, key: str) -> float:
     if not (matches(value, float) and value > 0):
         raise ValueError(f"{source}: {key} must be a finite number > 0, got {_short(value)}")
     return value
+
+
+def memory_bytes() -> int:
+    """This process's memory: the machine's physical memory, or less under an address-space limit (ulimit -v).
+    What a size read from a file is held against when the file itself does not show it."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return physical if limit == resource.RLIM_INFINITY else min(physical, limit)
