@@ -83,6 +83,8 @@ def check_device(device) -> torch.device:
     "corrupt file" from whatever first touches it)."""
     try:
         dev = torch.device(device)
+        if dev.type == "meta":
+            raise ValueError("it holds no data")
         torch.empty(0, device=dev)
     except Exception as e:  # RuntimeError for a bad string or ordinal, AssertionError without CUDA, ...
         raise ValueError(f"device {str(device)!r} is not available here ({first_line(e)})") from None
