@@ -3,8 +3,8 @@
 The tensors' names and shapes are first read from the safetensors headers and checked against config.json (no
 data read, nothing allocated), then the tensors are read shard by shard in the requested dtype and attached to a
 meta-device model (weights.load_state_dict_into), so a 7B model is allocated once. A .gguf file is read by the
-converter below this module (gguf.gguf_weights) and attached the same way. Pickle files are refused by default: unpickling runs
-arbitrary code.
+converter below this module (gguf.gguf_weights) and attached the same way. Pickle files are refused by default:
+unpickling runs arbitrary code.
 """
 import json
 import shutil

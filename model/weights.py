@@ -6,12 +6,14 @@ dict and hand it here, so the GGUF converter needs nothing from the HF loader an
 from above. On load the model is built on the meta device and the tensors are attached with
 `load_state_dict(assign=True)`: nothing is allocated twice and nothing is copied.
 """
+import contextlib
 import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from .model import ModelConfig, Transformer
 
@@ -39,9 +41,31 @@ def check_layers(n_layers: int, names, source, key: str = "num_hidden_layers", p
                               f"(indices {_listed([str(i) for i in sorted(found)]) or 'none'})")
 
 
+_INITS = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.Tensor.normal_,
+          torch.Tensor.uniform_)
+
+
+class _NoInit(TorchFunctionMode):
+    """Random init skipped: on the meta device there is nothing to fill, and meta normal_ is a Python reference
+    kernel whose first call imports torch._dynamo (~2 s of every load, before any check could fail)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INITS:  # nn.init's functions pass the tensor by keyword, Tensor's methods as self
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Modules built inside have every tensor on the meta device (names and shapes, nothing allocated), and skip
+    their random init."""
+    with torch.device("meta"), _NoInit():
+        yield
+
+
 def meta_model(cfg: ModelConfig) -> Transformer:
     """The model with every tensor on the meta device: its names and shapes, nothing allocated."""
-    with torch.device("meta"):
+    with meta_device():
         return Transformer(cfg)
 
 

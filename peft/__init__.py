@@ -29,6 +29,7 @@ from model.atomic import atomic_dir
 from model.checks import memory_bytes
 from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
+from model.weights import meta_device
 
 from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
 from .adapters import AdapterConfig
@@ -101,14 +102,14 @@ def check_adapter(model: nn.Module, cfg, wfile):
     tensors fails here, not after ~60 GB. Sizes the file does not show (P-tuning's encoder width) are bounded by
     this machine's memory instead."""
     method = _method(cfg)
-    with torch.device("meta"):
+    with meta_device():
         try:
             dry = method.apply(Transformer(unwrap(model).cfg), copy.deepcopy(cfg))
         except ValueError as e:  # settings that don't fit this base (a target it lacks, more layers than it has)
             raise ValueError(f"{wfile.parent / CONFIG_FILE}: {e}") from None
         stored = {k: torch.empty(shape) for k, shape in stored_shapes(wfile).items()}
     need = sum(p.numel() * p.element_size() for p in dry.parameters() if p.requires_grad)  # what apply allocates
-    method.import_state(dry, stored, str(wfile))
+    method.import_state(dry, stored, str(wfile))  # first: a shape names the tensor (and drops P-tuning's encoder)
     if need > memory_bytes():
         raise ValueError(f"{wfile.parent / CONFIG_FILE}: its settings make {need / 2**30:.1f} GB of adapter "
                          f"parameters, more than this machine's {memory_bytes() / 2**30:.1f} GB of memory")

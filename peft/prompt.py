@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from model import checks
 from model.io import read_safetensors, stored_shapes
+from model.weights import meta_device
 
 from .core import build_config
 
@@ -286,7 +287,7 @@ def load_extra(model, path):
     if not os.path.exists(file):
         return model
     table = model.encoder().detach()
-    with torch.device("meta"):  # the encoder's names and shapes against the file's header, before either is read
+    with meta_device():  # the encoder's names and shapes against the file's header, before either is read
         expected = model.make_encoder()
     if expected is None:
         raise ValueError(f"{file}: {model.peft_config.peft_type} has no encoder to load")
