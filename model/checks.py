@@ -5,11 +5,13 @@ JSON has no integer type of its own (`1e5` reads as the float 100000.0) and host
 numbers belong ("16"), so a value is checked against the annotation of the dataclass field it fills: `int` means
 an int (not a bool, not a float), `float` a finite int or float, `bool` true / false, `X | None` also null.
 """
+import json
 import math
 import os
 import resource
 import types
 import typing
+from pathlib import Path
 
 # The largest dimension or count we accept from a file. No released model comes near it (vocabularies reach ~2**18,
 # hidden sizes ~2**15), and two of them multiply to under 2**63, so even a meta-device model of them can be built.
@@ -17,6 +19,14 @@ MAX_SIZE = 2**24
 # The most layers a stack read from a file may have (the largest released models have ~2**7): building an LSTM of
 # 10**4 layers takes minutes, even on the meta device.
 MAX_LAYERS = 1024
+
+
+def read_json(file):
+    """A JSON file's value; a file that is not UTF-8 or not JSON is a one-line ValueError naming it."""
+    try:
+        return json.loads(Path(file).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
 
 
 def _short(value) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import checks
 from .atomic import atomic_dir
 from .model import ModelConfig, Transformer
 from .weights import (CheckpointError, check_layers, check_shapes, first_line, from_state_dict, load_state_dict_into,
@@ -24,11 +25,7 @@ def read_config(path) -> ModelConfig:
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
     try:
-        d = json.loads(f.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
-    try:
-        return ModelConfig.from_hf(d, source=str(f))
+        return ModelConfig.from_hf(checks.read_json(f), source=str(f))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
@@ -38,8 +35,10 @@ def _weight_files(path: Path, allow_bin: bool = False) -> list[Path] | None:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted({str(n) for n in json.loads(index.read_bytes())["weight_map"].values()})
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            names = sorted({str(n) for n in checks.read_json(index)["weight_map"].values()})
+        except ValueError as e:  # not JSON
+            raise CheckpointError(str(e)) from None
+        except (KeyError, TypeError, AttributeError) as e:  # JSON, but no {"weight_map": {name: file}}
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         for n in names:
             if not (path / n).is_file():

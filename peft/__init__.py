@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
-from model.checks import memory_bytes
+from model import checks
 from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
 from model.weights import meta_device
@@ -84,11 +84,7 @@ def read_adapter(path) -> tuple:
     cfile, wfile = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfile.is_file():
         raise ValueError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
-    try:
-        d = json.loads(cfile.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfile}: invalid JSON ({e})") from None
-    cfg = config_from_json(d, str(cfile))
+    cfg = config_from_json(checks.read_json(cfile), str(cfile))
     if not wfile.is_file():
         bin_ = " (only adapter_model.bin: pickle files are refused)" if (path / "adapter_model.bin").exists() else ""
         raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
@@ -110,9 +106,9 @@ def check_adapter(model: nn.Module, cfg, wfile):
         stored = {k: torch.empty(shape) for k, shape in stored_shapes(wfile).items()}
     need = sum(p.numel() * p.element_size() for p in dry.parameters() if p.requires_grad)  # what apply allocates
     method.import_state(dry, stored, str(wfile))  # first: a shape names the tensor (and drops P-tuning's encoder)
-    if need > memory_bytes():
+    if need > checks.memory_bytes():
         raise ValueError(f"{wfile.parent / CONFIG_FILE}: its settings make {need / 2**30:.1f} GB of adapter "
-                         f"parameters, more than this machine's {memory_bytes() / 2**30:.1f} GB of memory")
+                         f"parameters, more than this machine's {checks.memory_bytes() / 2**30:.1f} GB of memory")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import generate
 import model as M
 import peft
 from model.gguf import TENSOR_NAMES
+from tests.test_peft_errors import one_line_error as one_line
 from tests.tiny import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,17 +87,6 @@ def write_gguf(path: Path, model, **meta) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def one_line(fn, *parts) -> str:
-    """fn() raises a one-line ValueError holding every part."""
-    with pytest.raises(ValueError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for p in parts:
-        assert p in msg, msg
-    return msg
 
 
 def test_the_untouched_files_load_and_the_gguf_is_the_same_model(pristine):
