@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checks
 from .atomic import atomic_dir
 from .model import ModelConfig, Transformer
-from .weights import CheckpointError, from_state_dict, write_weights
+from .weights import (CheckpointError, check_layers, check_shapes, first_line, from_state_dict, meta_model,
+                      write_weights)
 
 TENSOR_NAMES = {  # GGUF name -> HF name ("{i}" = layer)
     "token_embd.weight": "model.embed_tokens.weight",
@@ -64,27 +66,49 @@ def _meta(reader) -> dict:
     return out
 
 
-def gguf_config(meta: dict, has_output: bool, source) -> ModelConfig:
+def gguf_config(meta: dict, tensor_names, source) -> ModelConfig:
+    """The ModelConfig of a llama GGUF file's metadata. Its counts are checked first, by their GGUF keys: sizes
+    positive, the heads dividing the width, and block_count equal to the blocks whose tensors the file holds (a
+    hostile 0xFFFFFFFF would otherwise build ~4e9 layers)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported (supported: llama)")
     a = lambda k, default=None: meta.get(f"llama.{k}", default)  # noqa: E731
-    n_head = a("attention.head_count")
-    d = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-         "vocab_size": a("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
-         "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
-         "num_hidden_layers": a("block_count"), "num_attention_heads": n_head,
-         "num_key_value_heads": a("attention.head_count_kv", n_head),
-         "head_dim": a("rope.dimension_count", a("embedding_length") // n_head),
-         "rms_norm_eps": float(np.float32(a("attention.layer_norm_rms_epsilon", 1e-5))),
-         "rope_theta": float(a("rope.freq_base", 10000.0)), "max_position_embeddings": a("context_length", 4096),
-         "hidden_act": "silu", "tie_word_embeddings": not has_output, "attention_bias": False, "mlp_bias": False,
-         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
-    # the float32 epsilon as stored (9.9999997e-06) is 1e-5 written in fp32; keep the decimal HF configs use
-    d["rms_norm_eps"] = float(f"{d['rms_norm_eps']:.6g}")
-    return ModelConfig.from_hf(d, source=str(source))
+    try:
+        for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+            if a(k) is None:
+                raise CheckpointError(f"{source}: GGUF metadata llama.{k} is missing")
+        for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                  "attention.head_count_kv", "rope.dimension_count", "vocab_size"):
+            if a(k) is not None:
+                checks.size(a(k), source, f"llama.{k}")
+        for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+            if a(k) is not None:
+                checks.positive(a(k), source, f"llama.{k}")
+        n_head, width = a("attention.head_count"), a("embedding_length")
+        if a("rope.dimension_count") is None and width % n_head:
+            raise CheckpointError(f"{source}: llama.embedding_length={width} is not a multiple of "
+                                  f"llama.attention.head_count={n_head}")
+        check_layers(a("block_count"), tensor_names, source, key="llama.block_count", prefix="blk.")
+        vocab = a("vocab_size") or len(checks.expect(meta.get("tokenizer.ggml.tokens"), list, source,
+                                                     "tokenizer.ggml.tokens"))
+        d = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+             "hidden_size": width, "intermediate_size": a("feed_forward_length"),
+             "num_hidden_layers": a("block_count"), "num_attention_heads": n_head,
+             "num_key_value_heads": a("attention.head_count_kv", n_head),
+             "head_dim": a("rope.dimension_count", width // n_head),
+             "rms_norm_eps": float(np.float32(a("attention.layer_norm_rms_epsilon", 1e-5))),
+             "rope_theta": float(a("rope.freq_base", 10000.0)), "max_position_embeddings": a("context_length", 4096),
+             "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensor_names,
+             "attention_bias": False, "mlp_bias": False,
+             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+        # the float32 epsilon as stored (9.9999997e-06) is 1e-5 written in fp32; keep the decimal HF configs use
+        d["rms_norm_eps"] = float(f"{d['rms_norm_eps']:.6g}")
+        return ModelConfig.from_hf(d, source=str(source))
+    except ValueError as e:  # checks' and from_hf's errors (d's keys are HF's: they map 1:1 to the GGUF keys above)
+        raise CheckpointError(str(e)) from None
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -99,25 +123,29 @@ def gguf_weights(path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, 
     reader = _reader(path)
     meta = _meta(reader)
     tensors = {t.name: t for t in reader.tensors}
-    cfg = gguf_config(meta, "output.weight" in tensors, path)
+    cfg = gguf_config(meta, tensors, path)
     names = {}
     for i in range(cfg.num_hidden_layers):
         names.update({g.format(i=i): h.format(i=i) for g, h in TENSOR_NAMES.items()})
-    sd = {}
-    for name, t in tensors.items():
+    for name in tensors:
         if name not in names:
             if name == "rope_freqs.weight":  # llama3 rope factors precomputed by llama.cpp
                 raise CheckpointError(f"{path}: GGUF with rope_freqs (llama-3.1 rope scaling) is not supported")
             raise CheckpointError(f"{path}: unexpected GGUF tensor {name}")
+    # every shape checked against the config before any tensor is dequantized (GGUF lists dims fastest-first)
+    shapes = {name: tuple(int(s) for s in reversed(t.shape.tolist())) for name, t in tensors.items()}
+    check_shapes(meta_model(cfg), {names[n]: shape for n, shape in shapes.items()}, path, "the GGUF metadata")
+    sd = {}
+    for name, t in tensors.items():
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 arr = np.asarray(t.data, dtype=np.float32)
             else:
                 arr = dequantize(t.data, t.tensor_type)
+            w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shapes[name]))  # a writable copy
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {e})") from None
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {first_line(e)})") \
+                from None
         hf = names[name]
         if name.endswith("attn_q.weight"):
             w = unpermute_qk(w, cfg.num_attention_heads)
@@ -146,6 +174,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _tokenizer_fields(meta: dict, source) -> tuple[list, list, list, dict]:
+    """tokens, token types, merges and the special ids {"bos": id or None, ...} of the metadata, checked."""
+    try:
+        tokens = checks.expect(meta.get("tokenizer.ggml.tokens"), list[str], source, "tokenizer.ggml.tokens")
+        types = checks.expect(meta.get("tokenizer.ggml.token_type") or [], list[int], source,
+                              "tokenizer.ggml.token_type")
+        merges = checks.expect(meta.get("tokenizer.ggml.merges") or [], list[str], source, "tokenizer.ggml.merges")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
+    for k, i in ids.items():
+        if i is not None and not (checks.matches(i, int) and 0 <= i < len(tokens)):
+            raise CheckpointError(f"{source}: tokenizer.ggml.{k}_token_id={i!r} is not a token id (the vocabulary "
+                                  f"has {len(tokens)} tokens)")
+    return tokens, types, merges, ids
+
+
 def _tokenizer_from_meta(meta: dict, source) -> tuple:
     from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -153,13 +198,15 @@ def _tokenizer_from_meta(meta: dict, source) -> tuple:
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise CheckpointError(f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2 BPE)")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    tokens, types, merges, ids = _tokenizer_fields(meta, source)
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # tokens outside the byte alphabet (rare: raw UTF-8 in user-defined tokens) are re-spelled byte by byte
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tok = HFTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    try:
+        tok = HFTokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    except Exception as e:  # a merge of tokens not in the vocabulary, ...
+        raise CheckpointError(f"{source}: GGUF tokenizer does not build ({first_line(e)})") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if meta.get("tokenizer.ggml.pre") in DIGIT_SPLIT_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -168,7 +215,6 @@ def _tokenizer_from_meta(meta: dict, source) -> tuple:
     tok.decoder = decoders.ByteLevel()
     control = [t for t, ty in zip(tokens, types) if ty == 3]  # 3 = CONTROL (special) in llama.cpp
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
     config = {"tokenizer_class": "PreTrainedTokenizerFast",
               "bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
               "eos_token": tokens[ids["eos"]] if ids["eos"] is not None else None,

@@ -1,9 +1,10 @@
 """Load and save HF checkpoint directories (config.json + safetensors, single file or sharded); load .gguf files.
 
-The tensors are read shard by shard in the requested dtype and attached to a meta-device model
-(weights.from_state_dict), so a 7B model is allocated once. A .gguf file is read by the converter below this
-module (gguf.gguf_weights) and attached the same way. Pickle files are refused by default: unpickling runs
-arbitrary code.
+The tensors' names and shapes are first read from the safetensors headers and checked against config.json (no
+data read, nothing allocated), then the tensors are read shard by shard in the requested dtype and attached to a
+meta-device model (weights.load_state_dict_into), so a 7B model is allocated once. A .gguf file is read by the
+converter below this module (gguf.gguf_weights) and attached the same way. Pickle files are refused by default:
+unpickling runs arbitrary code.
 """
 import json
 import shutil
@@ -12,9 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import checks
 from .atomic import atomic_dir
 from .model import ModelConfig, Transformer
-from .weights import CheckpointError, from_state_dict, write_weights
+from .weights import (CheckpointError, check_layers, check_shapes, first_line, from_state_dict, load_state_dict_into,
+                      meta_model, write_weights)
 
 
 def read_config(path) -> ModelConfig:
@@ -22,11 +25,7 @@ def read_config(path) -> ModelConfig:
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
     try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
-    try:
-        return ModelConfig.from_hf(d, source=str(f))
+        return ModelConfig.from_hf(checks.read_json(f), source=str(f))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
@@ -36,8 +35,10 @@ def _weight_files(path: Path, allow_bin: bool = False) -> list[Path] | None:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+            names = sorted({str(n) for n in checks.read_json(index)["weight_map"].values()})
+        except ValueError as e:  # not JSON
+            raise CheckpointError(str(e)) from None
+        except (KeyError, TypeError, AttributeError) as e:  # JSON, but no {"weight_map": {name: file}}
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         for n in names:
             if not (path / n).is_file():
@@ -54,12 +55,39 @@ def _weight_files(path: Path, allow_bin: bool = False) -> list[Path] | None:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _read_safetensors(file: Path, dtype, device) -> dict[str, torch.Tensor]:
+def _corrupt(file, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{file}: corrupt safetensors file ({first_line(e)})")
+
+
+def stored_shapes(file) -> dict[str, tuple]:
+    """name -> shape of every tensor in a safetensors file, from its header alone (no tensor data is read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncated files
+        raise _corrupt(file, e) from None
+
+
+def read_safetensors(file, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (cast to `dtype` unless None); a bad file is a one-line CheckpointError."""
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k).to(dtype) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{file}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+            return {k: f.get_tensor(k) if dtype is None else f.get_tensor(k).to(dtype) for k in f.keys()}
+    except Exception as e:
+        raise _corrupt(file, e) from None
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device, if this machine has it; else a one-line ValueError that says so (not a
+    "corrupt file" from whatever first touches it)."""
+    try:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise ValueError("it holds no data")
+        torch.empty(0, device=dev)
+    except Exception as e:  # RuntimeError for a bad string or ordinal, AssertionError without CUDA, ...
+        raise ValueError(f"device {str(device)!r} is not available here ({first_line(e)})") from None
+    return dev
 
 
 def _read_bin(path: Path, dtype) -> dict[str, torch.Tensor]:
@@ -68,26 +96,33 @@ def _read_bin(path: Path, dtype) -> dict[str, torch.Tensor]:
         else ["pytorch_model.bin"]
     sd = {}
     for n in files:
-        sd.update({k: v.to(dtype) for k, v in torch.load(path / n, map_location="cpu", weights_only=True).items()})
+        try:
+            sd.update({k: v.to(dtype) for k, v in torch.load(path / n, map_location="cpu", weights_only=True).items()})
+        except Exception as e:  # a truncated or not-a-checkpoint file: pickle / zip errors from deep inside
+            raise CheckpointError(f"{path / n}: corrupt checkpoint ({first_line(e)})") from None
     return sd
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", allow_bin: bool = False) -> Transformer:
     """An HF model directory (safetensors, single or sharded) or a llama .gguf file -> Transformer (eval mode)."""
     path = Path(path)
+    check_device(device)
     if path.suffix == ".gguf":
         from .gguf import gguf_weights  # here, not above: `python -m model.gguf` must find it not yet imported
         cfg, sd = gguf_weights(path, dtype=dtype, device=device)
-    else:
-        cfg = read_config(path)
-        files = _weight_files(path, allow_bin)
-        if files is None:
-            sd = {k: v.to(device) for k, v in _read_bin(path, dtype).items()}
-        else:
-            sd = {}
-            for f in files:
-                sd.update(_read_safetensors(f, dtype, device))
-    return from_state_dict(cfg, sd, str(path))
+        return from_state_dict(cfg, sd, str(path))
+    cfg = read_config(path)
+    files = _weight_files(path, allow_bin)
+    if files is None:
+        return from_state_dict(cfg, {k: v.to(device) for k, v in _read_bin(path, dtype).items()}, str(path))
+    # names and shapes from the headers first: a config that doesn't fit the weights fails before any is read
+    shapes = {k: v for f in files for k, v in stored_shapes(f).items()}
+    check_layers(cfg.num_hidden_layers, shapes, path / "config.json")
+    model = meta_model(cfg)
+    check_shapes(model, shapes, str(path))
+    sd = {k: v for f in files for k, v in read_safetensors(f, dtype, device).items()}
+    load_state_dict_into(model, sd, str(path))
+    return model.eval()
 
 
 def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, config_updates: dict | None = None):

@@ -19,11 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import checks
 from .ops import RecomputeSaved, SiluMul, attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# config.json sizes the model is built from: each a positive integer of at most checks.MAX_SIZE
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim")
+# the fields each supported rope_scaling type needs (HF's _validate_*_parameters), all finite numbers > 0
+ROPE_FIELDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}
 
 
 @dataclass
@@ -61,30 +68,35 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
-        """Build from an HF config.json dict; unsupported architectures are a one-line error."""
+        """Build from an HF config.json dict. An unsupported architecture, a value of the wrong type, a size that is
+        not a positive integer, heads that don't divide, incomplete rope scaling: a one-line error naming `source`
+        and the key, raised before anything is built."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {mt!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if d.get("hidden_act", "silu") not in ACTIVATIONS:
+        types = {f.name: f.type for f in fields(cls)}
+        names = set(types) - {"hf", "attention_bias", "o_bias", "qk_norm", "sliding_window"}
+        kw = {k: checks.expect(d[k], types[k], source, k) for k in sorted(names) if d.get(k) is not None}
+        if kw.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported "
                              f"(supported: {', '.join(ACTIVATIONS)})")
-        names = {f.name for f in fields(cls)} - {"hf", "attention_bias", "o_bias", "qk_norm", "sliding_window"}
-        kw = {k: d[k] for k in names if d.get(k) is not None}
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in kw]
         if missing:
             raise ValueError(f"{source}: missing key(s) {', '.join(missing)}")
         kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
-        rope = d.get("rope_parameters") or {}  # transformers >= 5 nests theta and scaling here
+        check_values(kw, source)
+        for k in ("attention_bias", "use_sliding_window"):
+            checks.expect(d.get(k, False), bool | None, source, k)
+        rope = checks.expect(d.get("rope_parameters") or {}, dict, source, "rope_parameters")  # transformers >= 5
         if "rope_theta" in rope:
-            kw["rope_theta"] = rope["rope_theta"]
+            kw["rope_theta"] = checks.positive(rope["rope_theta"], source, "rope_parameters.rope_theta")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
-            kw["rope_scaling"] = None if kind == "default" else {**scaling, "rope_type": kind}
+            kw["rope_scaling"] = rope_scaling(scaling, source)
         if mt == "qwen2":  # Qwen2 always has q/k/v biases and no o_proj bias
             kw["attention_bias"] = True
         elif mt == "qwen3":
@@ -93,7 +105,8 @@ class ModelConfig:
         else:
             kw["attention_bias"] = kw["o_bias"] = bool(d.get("attention_bias", False))
         if mt == "mistral":
-            kw["sliding_window"] = d.get("sliding_window")
+            window = d.get("sliding_window")
+            kw["sliding_window"] = None if window is None else checks.size(window, source, "sliding_window", None)
         elif d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported for {mt}")
         return cls(**kw, hf=dict(d))
@@ -117,6 +130,50 @@ class ModelConfig:
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         return d
+
+
+def check_values(kw: dict, source):
+    """The sizes, numbers and token ids among config.json's values for ModelConfig's fields (`kw`, of the right
+    types already): positive sizes, heads that divide, an even head_dim, token ids >= 0."""
+    for k in SIZES:
+        if k in kw:
+            checks.size(kw[k], source, k)
+    checks.size(kw.get("max_position_embeddings", 1), source, "max_position_embeddings", limit=None)
+    for k in ("rms_norm_eps", "rope_theta"):
+        if k in kw:
+            checks.positive(kw[k], source, k)
+    for k in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        ids = kw.get(k)
+        if not all(checks.matches(i, int) and i >= 0 for i in (ids if isinstance(ids, list) else [ids or 0])):
+            raise ValueError(f"{source}: {k} must be a token id (an integer >= 0) or a list of them, got {ids!r}")
+    hidden, nh, nkv = kw["hidden_size"], kw["num_attention_heads"], kw["num_key_value_heads"]
+    if "head_dim" not in kw and hidden % nh:
+        raise ValueError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={nh} (and "
+                         f"there is no head_dim)")
+    if nh % nkv:
+        raise ValueError(f"{source}: num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
+    if kw.get("head_dim", hidden // nh) % 2:
+        raise ValueError(f"{source}: head_dim={kw.get('head_dim', hidden // nh)} is odd (RoPE rotates pairs of "
+                         f"dimensions)")
+
+
+def rope_scaling(scaling, source) -> dict | None:
+    """config.json's rope_scaling (or transformers 5's rope_parameters) checked: a supported type with all of its
+    fields, as the dict ModelConfig keeps (None for the default rope)."""
+    scaling = checks.expect(scaling, dict, source, "rope_scaling")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return None
+    if not isinstance(kind, str) or kind not in ROPE_FIELDS:
+        raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
+    for k in ROPE_FIELDS[kind]:
+        if k not in scaling:
+            raise ValueError(f"{source}: rope_scaling of type {kind} needs {k}")
+        checks.positive(scaling[k], source, f"rope_scaling.{k}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{source}: rope_scaling.high_freq_factor={scaling['high_freq_factor']} must be greater "
+                         f"than low_freq_factor={scaling['low_freq_factor']} (the band between them is interpolated)")
+    return {**scaling, "rope_type": kind}
 
 
 class RMSNorm(nn.Module):

@@ -17,13 +17,19 @@ that tuple (adapter_config.json's peft_type, train.py's --method names and flags
   merge / unmerge / unload (optional)   fold the update into the base weights, undo, drop the wrappers
   save_extra / load_extra (optional)    files kept beside PEFT's two
 """
+import copy
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
+from model import checks
+from model.io import read_safetensors, stored_shapes
+from model.model import Transformer
+from model.weights import meta_device
 
 from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
 from .adapters import AdapterConfig
@@ -36,9 +42,9 @@ from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
 __all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
-           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "config_from_json", "load_adapter", "merge",
-           "merge_and_unload", "method_configs", "parse_targets", "save_adapter", "trainable_summary", "unmerge",
-           "unwrap"]
+           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json",
+           "load_adapter", "merge", "merge_and_unload", "method_configs", "parse_targets", "read_adapter",
+           "save_adapter", "trainable_summary", "unmerge", "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -63,10 +69,46 @@ def method_configs() -> dict[str, tuple[type, dict]]:
 def config_from_json(d: dict, source: str = CONFIG_FILE):
     """adapter_config.json dict -> our config dataclass, by its peft_type."""
     by_type = {cls.peft_type: cls for m in MODULES for cls in m.CONFIGS}
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
     t = d.get("peft_type")
-    if t not in by_type:
+    if not isinstance(t, str) or t not in by_type:
         raise ValueError(f"{source}: unknown peft_type {t!r} (supported: {', '.join(by_type)})")
     return by_type[t].from_json(d, source)
+
+
+def read_adapter(path) -> tuple:
+    """(config, weights file) of an adapter directory: adapter_config.json read and checked (config_from_json),
+    adapter_model.safetensors present. Each problem is a one-line ValueError naming the file."""
+    path = Path(path)
+    cfile, wfile = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfile.is_file():
+        raise ValueError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
+    cfg = config_from_json(checks.read_json(cfile), str(cfile))
+    if not wfile.is_file():
+        bin_ = " (only adapter_model.bin: pickle files are refused)" if (path / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
+    return cfg, wfile
+
+
+def check_adapter(model: nn.Module, cfg, wfile):
+    """Whether the adapter `cfg` describes fits the tensors stored in `wfile`, found before anything is allocated:
+    the method is applied to a meta-device copy of the base (nothing allocated) and its import_state checks the
+    names and shapes of the file's header (no tensor data read). An adapter_config.json with r=10000000 over r=8
+    tensors fails here, not after ~60 GB. Sizes the file does not show (P-tuning's encoder width) are bounded by
+    this machine's memory instead."""
+    method = _method(cfg)
+    with meta_device():
+        try:
+            dry = method.apply(Transformer(unwrap(model).cfg), copy.deepcopy(cfg))
+        except ValueError as e:  # settings that don't fit this base (a target it lacks, more layers than it has)
+            raise ValueError(f"{wfile.parent / CONFIG_FILE}: {e}") from None
+        stored = {k: torch.empty(shape) for k, shape in stored_shapes(wfile).items()}
+    need = sum(p.numel() * p.element_size() for p in dry.parameters() if p.requires_grad)  # what apply allocates
+    method.import_state(dry, stored, str(wfile))  # first: a shape names the tensor (and drops P-tuning's encoder)
+    if need > checks.memory_bytes():
+        raise ValueError(f"{wfile.parent / CONFIG_FILE}: its settings make {need / 2**30:.1f} GB of adapter "
+                         f"parameters, more than this machine's {checks.memory_bytes() / 2**30:.1f} GB of memory")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -121,23 +163,14 @@ def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> 
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Read an adapter directory (ours or HF PEFT's), apply the method to `model`, load the weights."""
-    path = Path(path)
-    cfile, wfile = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not cfile.is_file():
-        raise ValueError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
-    try:
-        d = json.loads(cfile.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfile}: invalid JSON ({e})") from None
-    cfg = config_from_json(d, str(cfile))
-    if not wfile.is_file():
-        bin_ = " (only adapter_model.bin: pickle files are refused)" if (path / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{path}: no {WEIGHTS_FILE}{bin_}")
+    """Read an adapter directory (ours or HF PEFT's), apply the method to `model`, load the weights. The config
+    is checked against the stored tensors before the method allocates anything (check_adapter)."""
+    cfg, wfile = read_adapter(path)
+    check_adapter(model, cfg, wfile)
     model = apply(model, cfg)
-    _method(cfg).import_state(model, load_file(str(wfile)), str(wfile))
+    _method(cfg).import_state(model, read_safetensors(wfile), str(wfile))
     if hasattr(_method(cfg), "load_extra"):
-        _method(cfg).load_extra(model, path)
+        _method(cfg).load_extra(model, Path(path))
     return model
 
 

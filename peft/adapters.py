@@ -54,11 +54,7 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json") -> "AdapterConfig":
-        try:
-            return cls(kind=d.get("kind", "houlsby"), reduction_factor=d.get("reduction_factor", 16),
-                       activation=d.get("activation"), base_model_name_or_path=d.get("base_model_name_or_path"))
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return core.build_config(cls, d, source)
 
 
 class AdapterLinear(core.LinearWrapper):

@@ -44,7 +44,7 @@ class BitFitConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json") -> "BitFitConfig":
-        return cls(targets=core.read_targets(d, "targets"), base_model_name_or_path=d.get("base_model_name_or_path"))
+        return core.build_config(cls, d, source)
 
 
 def _new_bias(lin: nn.Linear, requires_grad: bool) -> nn.Parameter:

@@ -9,10 +9,13 @@ module attribute `adapter_names`. Everything else here is built on that one conv
 """
 import json
 import re
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import checks
 
 PEFT_PREFIX = "base_model.model."  # HF PEFT's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
 
@@ -150,8 +153,9 @@ def import_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "a
         for k, p in params.items():
             t = sd[PEFT_PREFIX + k]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{source}: tensor {PEFT_PREFIX + k} has shape {tuple(t.shape)}, the model "
-                                 f"expects {tuple(p.shape)} (adapter saved for another base model?)")
+                raise ValueError(f"{source}: tensor {PEFT_PREFIX + k} has shape {tuple(t.shape)}, the adapter's "
+                                 f"config on this base model gives {tuple(p.shape)} (the config doesn't match the "
+                                 f"weights, or the adapter is for another base model)")
             p.copy_(t)
 
 
@@ -162,9 +166,29 @@ def reject_unsupported(d: dict, keys, source: str):
             raise ValueError(f"{source}: {k}={json.dumps(d[k])} is not supported by nanotune")
 
 
-def read_targets(d: dict, key: str = "target_modules"):
-    t = d.get(key)
-    return sorted(t) if isinstance(t, (list, tuple, set)) else t
+def build_config(cls, d: dict, source: str, renames: dict | None = None, **extra):
+    """A config dataclass from an adapter_config.json dict. PEFT's key names map to our fields through `renames`
+    (JSON key -> field); other keys that are field names fill those fields; PEFT's other keys are ignored, and so is
+    null (the field's default). Each value is checked against its field's annotation (model.checks) and every int
+    field is a size or count (1 .. checks.MAX_SIZE), so a wrong type or size is a one-line error naming the file
+    and key. `extra` (fields the caller computed) wins; the dataclass's own checks name the file too."""
+    if d.get("peft_type") != cls.peft_type:
+        raise ValueError(f"{source}: peft_type {d.get('peft_type')!r} is not {cls.peft_type}")
+    renames = renames or {}
+    types = {f.name: f.type for f in fields(cls)}
+    kw = {}
+    for key, value in d.items():
+        name = renames.get(key, None if key in renames.values() else key)
+        if name not in types or name in extra or value is None:
+            continue
+        checks.expect(value, types[name], source, key)
+        if types[name] in (int, int | None):
+            checks.size(value, source, key)
+        kw[name] = sorted(value) if name in ("targets", "feedforward") and isinstance(value, list) else value
+    try:
+        return cls(**kw, **extra)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def model_type(model: nn.Module) -> str:

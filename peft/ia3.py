@@ -42,8 +42,7 @@ class IA3Config:
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json") -> "IA3Config":
         core.reject_unsupported(d, ("fan_in_fan_out", "modules_to_save", "exclude_modules"), source)
-        return cls(targets=core.read_targets(d), feedforward=core.read_targets(d, "feedforward_modules"),
-                   base_model_name_or_path=d.get("base_model_name_or_path"))
+        return core.build_config(cls, d, source, {"target_modules": "targets", "feedforward_modules": "feedforward"})
 
 
 class IA3Linear(core.LinearWrapper):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from model.model import Attention, apply_rope
 
-from .prompt import check_positive, config_from_json
+from .core import build_config
+from .prompt import check_positive
 
 
 @dataclass
@@ -46,7 +47,7 @@ class LlamaAdapterConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json"):
-        return config_from_json(cls, d, source, {})
+        return build_config(cls, d, source)
 
 
 class AdaptedAttention(Attention):

@@ -78,10 +78,11 @@ class LoraConfig:
         init = d.get("init_lora_weights", True)
         if init not in (True, False, "gaussian"):  # pissa/olora/loftq/... rewrite the base weights
             raise ValueError(f"{source}: init_lora_weights={init!r} is not supported by nanotune")
-        return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                   targets=core.read_targets(d), rslora=bool(d.get("use_rslora")), dora=bool(d.get("use_dora")),
-                   init="gaussian" if init == "gaussian" else "default",
-                   base_model_name_or_path=d.get("base_model_name_or_path"))
+        d = {"lora_alpha": 8, **d}  # PEFT's default alpha, not ours
+        return core.build_config(cls, d, source, {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                                  "target_modules": "targets", "use_rslora": "rslora",
+                                                  "use_dora": "dora"},
+                                 init="gaussian" if init == "gaussian" else "default")
 
 
 class LoraLinear(core.LinearWrapper):

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from .prompt import Table, VirtualTokenWrapper, check_positive, config_from_json
+from .core import build_config
+from .prompt import Table, VirtualTokenWrapper, check_positive
 from .prompt import export_state, import_state, load_extra, save_extra  # noqa: F401  (same PEFT format)
 
 
@@ -47,7 +48,7 @@ class PrefixConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json"):
-        return config_from_json(cls, d, source, {})
+        return build_config(cls, d, source)
 
 
 class PrefixEncoder(nn.Module):

@@ -13,11 +13,17 @@ P-tuning resume training, `save_extra` also writes the encoder itself to `prompt
 PEFT's `PromptEncoder` state dict). Prefix tuning (peft/prefix.py) reuses `VirtualTokenWrapper` and that file.
 """
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from model import checks
+from model.io import read_safetensors, stored_shapes
+from model.weights import meta_device
+
+from .core import build_config
 
 ENCODER_FILE = "prompt_encoder.safetensors"
 
@@ -27,16 +33,6 @@ def check_positive(owner: str, **values):
     for k, v in values.items():
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"{owner}: {k} must be a positive integer, got {v!r}")
-
-
-def config_from_json(cls, d: dict, source: str, renames: dict, **extra):
-    """Build a config dataclass from an adapter_config.json dict: check peft_type, map PEFT names to ours,
-    ignore PEFT's other fields."""
-    if d.get("peft_type") != cls.peft_type:
-        raise ValueError(f"{source}: peft_type {d.get('peft_type')!r} is not {cls.peft_type}")
-    names = {f.name for f in fields(cls)}
-    kw = {renames.get(k, k): v for k, v in d.items() if renames.get(k, k) in names}
-    return cls(**kw, **extra)
 
 
 @dataclass
@@ -72,7 +68,7 @@ class PromptConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json"):
-        return config_from_json(cls, d, source, {"prompt_tuning_init_text": "init_text"},
+        return build_config(cls, d, source, {"prompt_tuning_init_text": "init_text"},
                                 init=str(d.get("prompt_tuning_init", "RANDOM")).lower())
 
 
@@ -97,6 +93,9 @@ class PTuningConfig:
     def __post_init__(self):
         check_positive("PTuningConfig", num_virtual_tokens=self.num_virtual_tokens,
                        encoder_hidden_size=self.encoder_hidden_size, encoder_num_layers=self.encoder_num_layers)
+        if (self.encoder_num_layers or 0) > checks.MAX_LAYERS:  # an LSTM of 10**4 layers takes minutes just to build
+            raise ValueError(f"PTuningConfig: encoder_num_layers must be at most {checks.MAX_LAYERS}, "
+                             f"got {self.encoder_num_layers}")
         if self.encoder not in ("mlp", "lstm"):
             raise ValueError(f"PTuningConfig: encoder must be mlp | lstm, got {self.encoder!r}")
 
@@ -107,8 +106,7 @@ class PTuningConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "adapter_config.json"):
-        return config_from_json(cls, d, source, {},
-                                encoder=str(d.get("encoder_reparameterization_type", "MLP")).lower())
+        return build_config(cls, d, source, encoder=str(d.get("encoder_reparameterization_type", "MLP")).lower())
 
 
 class PromptEncoder(nn.Module):
@@ -254,9 +252,10 @@ def apply(model, cfg):
 
 
 def export_state(model) -> dict:
-    """HF PEFT's adapter_model.safetensors content: the virtual tokens (n, ·), fp32."""
+    """HF PEFT's adapter_model.safetensors content: the virtual tokens (n, ·), fp32, on the model's device (also
+    the meta device: peft.check_adapter's dry run asks import_state, which asks this, for the shape)."""
     with torch.no_grad():
-        return {"prompt_embeddings": model.encoder().detach().float().cpu().contiguous()}
+        return {"prompt_embeddings": model.encoder().detach().float().contiguous()}
 
 
 def import_state(model, sd: dict, source: str = "adapter_model.safetensors"):
@@ -288,14 +287,20 @@ def load_extra(model, path):
     if not os.path.exists(file):
         return model
     table = model.encoder().detach()
-    encoder = model.make_encoder()
-    if encoder is None:
+    with meta_device():  # the encoder's names and shapes against the file's header, before either is read
+        expected = model.make_encoder()
+    if expected is None:
         raise ValueError(f"{file}: {model.peft_config.peft_type} has no encoder to load")
-    sd = load_file(file)
-    missing = set(encoder.state_dict()) ^ set(sd)
+    expected = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+    stored = stored_shapes(file)
+    missing = set(expected) ^ set(stored)
     if missing:
         raise ValueError(f"{file}: tensors do not match this method's encoder: {', '.join(sorted(missing))}")
-    encoder.load_state_dict(sd)
+    for k, shape in expected.items():
+        if stored[k] != shape:
+            raise ValueError(f"{file}: tensor {k} has shape {stored[k]}, the adapter's config gives {shape}")
+    encoder = model.make_encoder()
+    encoder.load_state_dict(read_safetensors(file))
     encoder.to(model.device)
     with torch.no_grad():
         if not torch.allclose(encoder().float(), table.float(), atol=1e-5, rtol=1e-4):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from model.io import _weight_files, read_config, save_pretrained
 from model.model import Transformer
-from model.weights import CheckpointError, load_state_dict_into
+from model.weights import CheckpointError, check_layers, load_state_dict_into, meta_model
 
 from .linear import NF4Linear
 from .nf4 import QS_SUFFIX, from_bnb_tensors, quantize_nf4
@@ -62,8 +62,8 @@ def load_nf4(path, dtype=torch.float32, device="cpu", quantize: bool = False, bl
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as h:
             where.update({k: f for k in h.keys()})
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    check_layers(cfg.num_hidden_layers, where, path / "config.json")  # from the names, before a build of 1e5 layers
+    model = meta_model(cfg)
     consumed = set()
 
     def take(k):

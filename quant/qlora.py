@@ -13,14 +13,11 @@ quantized base). Usage:
 
 Merging is into the DEQUANTIZED base: adding s·B·A to 4-bit codes would round most of the delta away.
 """
-import json
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import peft
+from model.io import read_safetensors
 from model.model import Transformer
 from peft import lora
 from peft.lora import LoraConfig
@@ -47,15 +44,12 @@ def load_qlora(path, cfg: LoraConfig, dtype=torch.float32, device="cpu", blocksi
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """peft.load_adapter for a model with NF4Linear layers: an HF PEFT LoRA dir (adapter_config.json +
     adapter_model.safetensors, e.g. written by peft.save_adapter from a QLoRA run) applied as QLoRA."""
-    cfile, wfile = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
-    for f in (cfile, wfile):
-        if not f.is_file():
-            raise ValueError(f"{path}: no {f.name} (not an adapter directory)")
-    cfg = peft.config_from_json(json.loads(cfile.read_text()), str(cfile))
+    cfg, wfile = peft.read_adapter(path)
     if not isinstance(cfg, LoraConfig):
-        raise ValueError(f"{cfile}: QLoRA needs a LORA adapter, got {type(cfg).__name__}")
+        raise ValueError(f"{wfile.parent / peft.CONFIG_FILE}: QLoRA needs a LORA adapter, got {type(cfg).__name__}")
+    peft.check_adapter(model, cfg, wfile)  # the config against the stored shapes, before apply allocates
     model = apply(model, cfg)
-    lora.import_state(model, load_file(str(wfile)), str(wfile))
+    lora.import_state(model, read_safetensors(wfile), str(wfile))
     return model
 
 
