@@ -300,3 +300,19 @@ def test_hostile_chat_template_is_bounded(setup, tmp_path, monkeypatch, template
 def test_seq_len_past_the_model_context_warns(setup, tmp_path, capsys):
     train.main(argv(setup, tmp_path / "o", "--seq-len", "1024", "--max-steps", "1"))  # the tiny model has 512
     assert "warning: --seq-len 1024 exceeds the model's context (512 positions)" in capsys.readouterr().err
+
+
+def test_ranks_with_different_data_stop_on_every_rank(setup, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(setup["data"]).read_text().replace("alpha", "omega"))
+    swap = ("orig = train.main\n"
+            "def main(a):\n"
+            "    if os.environ['RANK'] == '1':\n"
+            f"        a = [{str(other)!r} if x == {setup['data']!r} else x for x in a]\n"
+            "    return orig(a)\n"
+            "train.main = main")
+    out = tmp_path / "ranks"
+    r = run_train(argv(setup, out, "--max-steps", "2", "--batch-size", "2"), swap, ranks=2, check=False)
+    assert r.returncode != 0
+    assert "error: rank 1 has other settings than rank 0: data: " in r.stderr and str(other) in r.stderr
+    assert not (out / "adapter").exists() and not (out / "config.json").exists()
