@@ -175,6 +175,11 @@ def parse_args(argv=None) -> TrainConfig:
             sys.exit(f"error: --{k.replace('_', '-')} {v}: expected a number {want}")
     if not cfg.max_steps and not cfg.epochs:
         sys.exit("error: --epochs 0 with --max-steps 0: nothing to train")
+    cls = None if cfg.method == "full" else methods["lora" if cfg.method == "qlora" else cfg.method][0]
+    used = {n for n, (c, _) in methods.items() if c is cls} | set(getattr(cls, "flags", ())) | {"qlora"}
+    for k in sorted(set(cfg.method_args) - used):  # another method's option: said, not silently dropped
+        print(f"warning: {'[' + k + ']' if k in methods else '--' + k.replace('_', '-')} is not an option of "
+              f"--method {cfg.method}: ignored", file=sys.stderr)
     return cfg
 
 

@@ -316,3 +316,14 @@ def test_ranks_with_different_data_stop_on_every_rank(setup, tmp_path):
     assert r.returncode != 0
     assert "error: rank 1 has other settings than rank 0: data: " in r.stderr and str(other) in r.stderr
     assert not (out / "adapter").exists() and not (out / "config.json").exists()
+
+
+def test_another_methods_options_are_a_warning(setup, tmp_path, capsys):
+    f = tmp_path / "run.toml"
+    f.write_text("[prefix]\nnum_virtual_tokens = 4\n")
+    train.parse_args(argv(setup, tmp_path / "o", "--method", "ia3", "--lora-r", "4", "--config", str(f)))
+    err = capsys.readouterr().err
+    assert "warning: --lora-r is not an option of --method ia3: ignored" in err
+    assert "warning: [prefix] is not an option of --method ia3: ignored" in err
+    train.parse_args(argv(setup, tmp_path / "o", "--lora-r", "4"))  # COMMON's --method lora: no warning
+    assert "warning" not in capsys.readouterr().err
