@@ -21,7 +21,6 @@ import random
 import sys
 import time
 import tomllib
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -84,23 +83,6 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ command line + TOML
-def method_flags() -> dict[str, typing.Callable]:
-    """Every method config's flags (peft's table), flag name -> argparse type from the field's annotation."""
-    out = {}
-    for cls, _ in peft.method_configs().values():
-        types = {f.name: f.type for f in fields(cls)}
-        out.update({flag: flag_type(types[name]) for flag, name in cls.flags.items()})
-    return out
-
-
-def flag_type(tp) -> typing.Callable:
-    """A config field's annotation -> the flag's type; lists of module names parse like "q_proj,v_proj"."""
-    args = typing.get_args(tp) or (tp,)
-    if any(typing.get_origin(a) is list for a in args):
-        return peft.parse_targets
-    return next((t for t in (bool, int, float) if t in args), str)
-
-
 # range checks, before anything is loaded: > 0, >= 0, and fractions in [0, 1)
 POSITIVE = ("batch_size", "grad_accum", "seq_len", "lr", "adam_eps", "log_every", "collective_timeout")
 NON_NEGATIVE = ("max_steps", "epochs", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_samples",
@@ -119,7 +101,7 @@ def type_ok(value, tp) -> bool:
 
 def parse_args(argv=None) -> TrainConfig:
     own = {f.name: type(f.default) for f in fields(TrainConfig) if f.name != "method_args"}
-    opts, methods = method_flags(), peft.method_configs()
+    opts, methods = peft.method_flags(), peft.method_configs()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, tp in {**own, **opts}.items():
         if tp is bool:
@@ -147,7 +129,7 @@ def parse_args(argv=None) -> TrainConfig:
                 bad = [f for f in v if f not in types]
                 if bad:
                     sys.exit(f"error: {a['config']}: [{k}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(types))})")
-                bad = [f for f, x in v.items() if not type_ok(x, flag_type(types[f]))]
+                bad = [f for f, x in v.items() if not type_ok(x, peft.flag_type(types[f]))]
                 if bad:
                     sys.exit(f"error: {a['config']}: [{k}]: {bad[0]} = {v[bad[0]]!r}: expected {types[bad[0]]}")
                 cfg.method_args[k] = v

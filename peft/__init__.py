@@ -19,6 +19,7 @@ that tuple (adapter_config.json's peft_type, train.py's --method names and flags
 """
 import copy
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from model.weights import meta_device
 from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
-from .core import parse_targets
+from .core import flag_type, parse_targets
 from .ia3 import IA3Config
 from .llama_adapter import LlamaAdapterConfig
 from .lora import LoraConfig
@@ -42,9 +43,9 @@ from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
 __all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
-           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json",
-           "load_adapter", "merge", "merge_and_unload", "method_configs", "parse_targets", "read_adapter",
-           "save_adapter", "trainable_summary", "unmerge", "unwrap"]
+           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "flag_type",
+           "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags", "parse_targets",
+           "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -64,6 +65,15 @@ def method_configs() -> dict[str, tuple[type, dict]]:
     """train.py's --method names -> (config class, the fields that name presets), e.g. "dora" -> (LoraConfig,
     {"targets": "all-linear", "dora": True})."""
     return {name: (cls, preset) for m in MODULES for cls in m.CONFIGS for name, preset in cls.methods.items()}
+
+
+def method_flags() -> dict:
+    """Every method config's train.py flags, flag name -> argparse type from the field's annotation."""
+    out = {}
+    for cls, _ in method_configs().values():
+        types = {f.name: f.type for f in fields(cls)}
+        out.update({flag: flag_type(types[name]) for flag, name in cls.flags.items()})
+    return out
 
 
 def config_from_json(d: dict, source: str = CONFIG_FILE):

@@ -9,6 +9,7 @@ module attribute `adapter_names`. Everything else here is built on that one conv
 """
 import json
 import re
+import typing
 from dataclasses import fields
 
 import torch
@@ -90,6 +91,14 @@ def parse_targets(s: str):
     if not s or s == "all-linear" or ("," not in s and any(c in s for c in "^$.*+?[]()|\\")):
         return s or None
     return s.split(",")
+
+
+def flag_type(tp):
+    """A config field's annotation -> its train.py flag's type; lists of module names parse like "q_proj,v_proj"."""
+    args = typing.get_args(tp) or (tp,)
+    if any(typing.get_origin(a) is list for a in args):
+        return parse_targets
+    return next((t for t in (bool, int, float) if t in args), str)
 
 
 def wrapper_for(module: nn.Module, cfg, cls: type) -> type:
