@@ -247,10 +247,11 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
     reduce-scatters of gradient buckets while backward runs; ZeRO 1: at clip)."""
     n_global = all_sum(sum(data.count_targets(b) for b in micro_batches), device)
     total = 0.0
-    for b in micro_batches:
+    for i, b in enumerate(micro_batches):
         with autocast(cfg, device):
             s = loss_sum(model, b, device)
-        optimizer.backward(s / max(n_global, 1))
+        # + a method's own loss term once per step (AdaLoRA's orthogonality regulariser; 0 for most methods)
+        optimizer.backward(s / max(n_global, 1) + (peft.loss_term(model) if i == 0 else 0))
         total += s.item()
     loss = all_sum(total, device) / max(n_global, 1)
     if not math.isfinite(loss):
@@ -262,6 +263,7 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
         return {"loss": loss, "why": f"the gradient norm is {norm.item()} (not finite)"}
     if optimizer.step():  # False: fp16 loss scaling skipped a step with inf/nan gradients (the LR waits too)
         scheduler.step()
+        peft.after_step(model, scheduler.last_epoch)  # a method's step on this step's gradients (AdaLoRA's budget)
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
 
@@ -391,6 +393,8 @@ def main(argv=None):
     order = data.BatchOrder([len(e.ids) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
                             bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
+    if why := peft.start_run(model, total, cfg.zero):  # e.g. AdaLoRA's budget schedule against the run's steps
+        sys.exit(f"error: {why}")
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer.optimizer, cfg, total)

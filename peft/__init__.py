@@ -16,6 +16,7 @@ that tuple (adapter_config.json's peft_type, train.py's --method names and flags
   export_state(model) / import_state(model, sd, source)   the adapter tensors under PEFT's keys
   merge / unmerge / unload (optional)   fold the update into the base weights, undo, drop the wrappers
   save_extra / load_extra (optional)    files kept beside PEFT's two
+  start_run / loss_term / after_step (optional)   train.py's hooks into the run (below), e.g. AdaLoRA's budget
 """
 import copy
 import json
@@ -32,7 +33,8 @@ from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
 from model.weights import meta_device
 
-from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
+from . import adalora, adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
+from .adalora import AdaLoraConfig
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
 from .core import flag_type, parse_targets
@@ -42,15 +44,16 @@ from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
+__all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
            "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "flag_type",
            "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags", "parse_targets",
-           "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap"]
+           "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap", "loss_term", "after_step",
+           "start_run"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 # The method table. A new method is a new module in this folder plus its name here (and in the import above).
-MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter)
+MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter, adalora)
 
 
 def _method(cfg):
@@ -209,3 +212,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     _merger(model, "unload")(model)
     del model.peft_config
     return unwrap(model)
+
+
+# train.py's three hooks into a run, for methods that act on the training itself (AdaLoRA); no-ops otherwise
+def _hook(model, name: str):
+    cfg = getattr(model, "peft_config", None)
+    return None if cfg is None else getattr(_method(cfg), name, None)
+
+
+def start_run(model: nn.Module, total_steps: int, zero: int) -> str | None:
+    """Once the run's step count is known: the method's check of it (an error message, or None)."""
+    hook = _hook(model, "start_run")
+    return hook(model, total_steps, zero) if hook else None
+
+
+def loss_term(model: nn.Module):
+    """The method's own term of the loss (a tensor), added once per optimizer step; 0 for most methods."""
+    hook = _hook(model, "loss_term")
+    return hook(model) if hook else 0
+
+
+def after_step(model: nn.Module, step: int):
+    """After optimizer step `step` (1-based), before the gradients are cleared."""
+    hook = _hook(model, "after_step")
+    if hook:
+        hook(model, step)
