@@ -33,8 +33,10 @@ from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
 from model.weights import meta_device
 
-from . import adalora, adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
+from . import adalora, adapters, bitfit, ia3, llama_adapter, lora, mam, prefix, prompt, unipelt  # noqa: E501  (MODULES)
 from .adalora import AdaLoraConfig
+from .mam import MamConfig
+from .unipelt import UniPeltConfig
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
 from .core import flag_type, parse_targets
@@ -44,7 +46,7 @@ from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
+__all__ = ["AdaLoraConfig", "AdapterConfig", "MamConfig", "UniPeltConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
            "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "flag_type",
            "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags", "parse_targets",
            "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap", "loss_term", "after_step",
@@ -53,7 +55,7 @@ __all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "IA3Config", "Llama
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 # The method table. A new method is a new module in this folder plus its name here (and in the import above).
-MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter, adalora)
+MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter, adalora, mam, unipelt)
 
 
 def _method(cfg):

@@ -68,17 +68,27 @@ class AdapterLinear(core.LinearWrapper):
         if width == 0:
             raise ValueError(f"AdapterConfig.reduction_factor={cfg.reduction_factor} leaves no bottleneck for "
                              f"width {d}")
-        kw = dict(device=weight.device, dtype=self.adapter_dtype)
-        self.adapter_down = nn.Linear(d, width, **kw)   # nn.Linear's default init
-        self.adapter_up = nn.Linear(width, d, **kw)
-        nn.init.zeros_(self.adapter_up.weight)         # identity at init
-        nn.init.zeros_(self.adapter_up.bias)
-        self.act = ACTIVATIONS[cfg.activation]
+        add_bottleneck(self, d, width, cfg.activation, weight.device, self.adapter_dtype)
 
     def forward(self, x):
         y = self.base_forward(x)                        # (B, T, d)
-        h = y.to(self.adapter_dtype)
-        return y + self.adapter_up(self.act(self.adapter_down(h))).to(y.dtype)
+        return y + bottleneck(self, y).to(y.dtype)
+
+
+def add_bottleneck(owner: nn.Module, d: int, width: int, activation: str, device, dtype):
+    """owner.adapter_down (width, d) + bias, owner.adapter_up (d, width) + bias, owner.act: W_down keeps
+    nn.Linear's default init, W_up and b_up start at zero (the adapter adds nothing at init). Shared by the
+    bottleneck adapters here, MAM's parallel adapter (peft/mam.py) and UniPELT's gated one (peft/unipelt.py)."""
+    owner.adapter_down = nn.Linear(d, width, device=device, dtype=dtype)
+    owner.adapter_up = nn.Linear(width, d, device=device, dtype=dtype)
+    nn.init.zeros_(owner.adapter_up.weight)
+    nn.init.zeros_(owner.adapter_up.bias)
+    owner.act = ACTIVATIONS[activation]
+
+
+def bottleneck(owner: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """W_up f(W_down h + b_down) + b_up, in the adapter's dtype."""
+    return owner.adapter_up(owner.act(owner.adapter_down(h.to(owner.adapter_down.weight.dtype))))
 
 
 CONFIGS = (AdapterConfig,)

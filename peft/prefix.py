@@ -32,7 +32,9 @@ class PrefixConfig:
     num_attention_heads: int | None = None  # n_kv (PEFT's convention for GQA)
     base_model_name_or_path: str | None = None
     peft_type = "PREFIX_TUNING"
-    methods = {"prefix": {}}                      # train.py --method name -> preset fields (see LoraConfig)
+    # train.py --method names -> preset fields (see LoraConfig). P-Tuning v2 (Liu et al. 2022) is this method: deep
+    # prompts = per-layer K/V prefixes, without the reparameterisation by default (README, docs/peft_prompt.md)
+    methods = {"prefix": {}, "ptuning_v2": {"prefix_projection": False}}
     flags = {"num_virtual_tokens": "num_virtual_tokens", "prefix_projection": "prefix_projection",
              "encoder_hidden_size": "encoder_hidden_size", "prefix_init_weights": "init_weights"}
 
@@ -101,12 +103,12 @@ class PrefixWrapper(VirtualTokenWrapper):
 CONFIGS = (PrefixConfig,)
 
 
-def apply(model, cfg: PrefixConfig):
-    """Freeze `model` and wrap it with trainable per-layer K/V prefixes."""
+def apply(model, cfg: PrefixConfig, wrapper: type = PrefixWrapper):
+    """Freeze `model` and wrap it with trainable per-layer K/V prefixes (`wrapper`: UniPELT's gated subclass)."""
     c = model.cfg  # the model's dims go into the config in place, as PEFT does; GQA: n_kv heads
     cfg.token_dim, cfg.num_layers, cfg.num_attention_heads = (c.num_key_value_heads * c.head_dim,
                                                                c.num_hidden_layers, c.num_key_value_heads)
     encoder = PrefixEncoder(cfg)
     if not cfg.prefix_projection:
         encoder = Table(encoder.embedding.weight.data)     # same (n, L*2*d_kv) table, the shared type
-    return PrefixWrapper(model, encoder.to(model.device), cfg)
+    return wrapper(model, encoder.to(model.device), cfg)
