@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
+from model import checks
+
 from . import core
 from .core import import_state  # noqa: F401  (the package's load uses it)
 
@@ -96,10 +98,12 @@ class AdaLoraConfig:
         if pattern is not None and not (isinstance(pattern, dict) and all(
                 isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in pattern.values())):
             raise ValueError(f"{source}: rank_pattern must map module names to lists of true/false")
-        d = {"lora_alpha": 8, **d}
-        return core.build_config(cls, {k: v for k, v in d.items() if k != "rank_pattern"}, source,
-                                 {"lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets"},
-                                 rank_pattern=pattern)
+        steps = {k: d.get(k) or 0 for k in ("tinit", "tfinal")}  # may be 0: not sizes (checked by __post_init__)
+        for k, v in steps.items():
+            checks.expect(v, int, source, k)
+        d = {"lora_alpha": 8, **{k: v for k, v in d.items() if k not in ("rank_pattern", "tinit", "tfinal")}}
+        return core.build_config(cls, d, source, {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                                  "target_modules": "targets"}, rank_pattern=pattern, **steps)
 
 
 def check_schedule(cfg: AdaLoraConfig, total: int):
