@@ -16,7 +16,11 @@ Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuni
 The budget step runs inside train.py's step (peft.after_step, after the optimizer step and before zero_grad,
 where PEFT's `update_and_allocate` must be called by hand), and the regulariser enters train.py's loss through
 peft.loss_term (once per optimizer step, divided by the number of ranks so that the ranks' summed gradients hold
-it once, as PEFT's DDP mean does). Step numbers count completed optimizer steps 1 .. total_step.
+it once, as PEFT's DDP mean does). Step numbers count completed optimizer steps 1 .. total_step. The importance
+averages are not in train.py's checkpoints: `--resume` continues exactly once the budget is final (the last
+tfinal steps, where PEFT resets them too and the pattern is read back from the λ at zero before the first
+resumed update: loss_term notes them while no pattern is known); resumed before that,
+the averages restart from zero.
 
 The maths and its order follow PEFT 0.21.2's tuners/adalora (RankAllocator), so a run equals PEFT's (tested).
 Files: `base_model.model.<path>.lora_A` (r, in), `.lora_B` (out, r), `.lora_E` (r, 1) (ParameterDict
@@ -181,6 +185,9 @@ def loss_term(model) -> torch.Tensor:
             reg = reg + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
             n += 1
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if model.peft_config.rank_pattern is None:  # before the update: which λ a resumed checkpoint holds at 0
+        model.__dict__["adalora_kept"] = {n + ".lora_E": (m.lora_E != 0).view(-1).tolist()
+                                          for n, m in _layers(model).items()}
     return model.peft_config.orth_reg_weight * (reg / max(n, 1)) / world
 
 
@@ -265,7 +272,9 @@ def after_step(model, step: int):
     elif step == last:  # the final allocation, kept for the last tfinal steps
         cfg.rank_pattern = alloc.mask_to_budget(model, alloc.budget_schedule(step)[0])
         alloc.reset_ipt()
-    elif cfg.rank_pattern is not None:
+    else:
+        if cfg.rank_pattern is None:  # resumed in the final phase: the λ at 0 before this step (see loss_term)
+            cfg.rank_pattern = model.__dict__.pop("adalora_kept")
         for n, m in _layers(model).items():
             keep = torch.tensor(cfg.rank_pattern[n + ".lora_E"], device=m.lora_E.device).view(-1, 1)
             m.lora_E.masked_fill_(~keep, 0.0)

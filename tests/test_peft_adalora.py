@@ -210,3 +210,50 @@ def test_parity_figures(ref, capsys):
         print(f"\nAdaLoRA vs PEFT: losses {ref['losses'][0]:.4f} -> {ref['losses'][-1]:.4f}, max rel loss gap "
               f"{loss:.2e}, max rel weight gap {max(rel(ours[k], theirs[k]) for k in ours):.2e}")
     assert loss <= 1e-4
+
+
+RUN = ["--method", "adalora", "--batch-size", "4", "--seq-len", "256", "--lr", "1e-2", "--max-steps", "8",
+       "--adalora-init-r", "4", "--adalora-target-r", "2", "--adalora-tinit", "1", "--adalora-tfinal", "4",
+       "--adalora-delta-t", "1", "--seed", "3"]
+
+
+def adapter(out):
+    from safetensors.torch import load_file
+    return (load_file(str(out / "adapter" / "adapter_model.safetensors")),
+            json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"])
+
+
+def test_regulariser_and_budget_same_for_one_or_two_ranks_and_micro_batches(tmp_path):
+    """The orthogonality term enters once per optimizer step whatever the split of the global batch: 2 gloo ranks
+    x 2 rows, and 1 process x 2 micro-batches of 2, give the 1 x 4 run's losses, rank pattern and weights."""
+    from tests.tiny import run_train
+    s = run_inputs(tmp_path, 24)
+    base = ["--model", s["model"], "--data", s["data"], *RUN]
+    train.main(base + ["--out", str(tmp_path / "one")])
+    run_train(base + ["--out", str(tmp_path / "two"), "--batch-size", "2"], ranks=2)
+    train.main(base + ["--out", str(tmp_path / "acc"), "--batch-size", "2", "--grad-accum", "2"])
+    (w1, p1) = adapter(tmp_path / "one")
+    assert sum(map(sum, p1.values())) == 2 * len(p1)
+    for other in ("two", "acc"):
+        w, p = adapter(tmp_path / other)
+        assert p == p1 and w.keys() == w1.keys()
+        for k in w1:
+            torch.testing.assert_close(w[k], w1[k], rtol=0, atol=1e-6)
+
+
+def test_resume_in_the_final_phase_is_exact(tmp_path):
+    """Killed after the step-5 checkpoint (the budget is final after step 4), resumed: the same losses and adapter as
+    the uninterrupted run (the pattern is read back from the zeroed λ)."""
+    from tests.test_train import KILL_AFTER_SAVE_5
+    from tests.tiny import run_train
+    s = run_inputs(tmp_path, 24)
+    base = ["--model", s["model"], "--data", s["data"], *RUN, "--save-every", "5"]
+    run_train(base + ["--out", str(tmp_path / "a")])
+    r = run_train(base + ["--out", str(tmp_path / "b")], patch=KILL_AFTER_SAVE_5, check=False)
+    assert r.returncode == -9
+    run_train(base + ["--out", str(tmp_path / "b"), "--resume"])
+    (wa, pa), (wb, pb) = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    metrics = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+               for d in "ab"]
+    assert metrics[0] == metrics[1] and pa == pb
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
