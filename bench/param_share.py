@@ -42,7 +42,7 @@ CLAIMS = {
     "adapter": ("1-5%", "BERT-large: 3.6% per task (Houlsby)"),
     "prefix": ("0.1-1%", "GPT-2: 0.1%"),
     "ptuning_v2": ("0.1-1% (as prefix)", "0.1-3%"),
-    "prompt": ("0.01-0.1%", "T5-XXL: < 0.01%"),
+    "prompt": ("0.01-0.1%", "T5-XXL, 100 tokens: 0.4M (< 0.01%)"),
     "ptuning": ("0.1-1%", "—"),
     "llama_adapter": ("—", "LLaMA-7B: 1.2M (0.02%)"),
     "adalora": ("— (LoRA's 0.5-2%)", "—"),
