@@ -38,6 +38,7 @@ from model import checks
 
 from . import core
 from .core import import_state  # noqa: F401  (the package's load uses it)
+from .lora import LoraLinear
 
 UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "layers_pattern", "alpha_pattern", "modules_to_save",
                "lora_bias", "exclude_modules", "use_dora", "use_rslora")
@@ -146,17 +147,7 @@ class SVDLinear(core.LinearWrapper):
         return result + ((x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling
                          / (self.ranknum + 1e-5)).to(result.dtype)
 
-    def merge(self):
-        if not self.merged:
-            with torch.no_grad():
-                self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    def unmerge(self):
-        if self.merged:
-            with torch.no_grad():
-                self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
+    merge, unmerge = LoraLinear.merge, LoraLinear.unmerge  # W +/- delta_weight(), the same as LoRA's
 
 
 CONFIGS = (AdaLoraConfig,)
