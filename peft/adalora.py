@@ -277,7 +277,7 @@ def export_state(model) -> dict:
     sd = core.export_state(model)
     for n, keep in (model.peft_config.rank_pattern or {}).items():
         path = core.PEFT_PREFIX + n.rsplit(".", 1)[0]
-        idx = torch.tensor(keep, dtype=torch.bool)
+        idx = torch.tensor(keep, dtype=torch.bool, device=sd[path + ".lora_A"].device)
         if int(idx.sum()) == sd[path + ".lora_A"].shape[0]:
             continue  # already that size (loaded pruned, or nothing cut)
         sd[path + ".lora_A"], sd[path + ".lora_E"] = sd[path + ".lora_A"][idx], sd[path + ".lora_E"][idx]
