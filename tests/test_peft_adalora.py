@@ -223,6 +223,7 @@ def adapter(out):
             json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"])
 
 
+@pytest.mark.slow  # subprocess runs (torchrun / SIGKILL): ~15-30 s
 def test_regulariser_and_budget_same_for_one_or_two_ranks_and_micro_batches(tmp_path):
     """The orthogonality term enters once per optimizer step whatever the split of the global batch: 2 gloo ranks
     x 2 rows, and 1 process x 2 micro-batches of 2, give the 1 x 4 run's losses, rank pattern and weights."""
@@ -241,6 +242,7 @@ def test_regulariser_and_budget_same_for_one_or_two_ranks_and_micro_batches(tmp_
             torch.testing.assert_close(w[k], w1[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # subprocess runs (torchrun / SIGKILL): ~15-30 s
 def test_resume_in_the_final_phase_is_exact(tmp_path):
     """Killed after the step-5 checkpoint (the budget is final after step 4), resumed: the same losses and adapter as
     the uninterrupted run (the pattern is read back from the zeroed λ)."""
