@@ -15,6 +15,8 @@ that tuple (adapter_config.json's peft_type, train.py's --method names and flags
   apply(model, cfg)   freeze the base, add the method's parameters (in place, or return a wrapper)
   export_state(model) / import_state(model, sd, source)   the adapter tensors under PEFT's keys
   merge / unmerge / unload (optional)   fold the update into the base weights, undo, drop the wrappers
+  disabled(model) (optional)  a context manager: the base model's forward inside it (the reference model of
+                      preference tuning); default core.disabled, for methods made of LinearWrapper layers
   save_extra / load_extra (optional)    files kept beside PEFT's two
 """
 import copy
@@ -32,6 +34,7 @@ from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
 from model.weights import meta_device
 
+from . import core
 from . import adapters, bitfit, ia3, llama_adapter, lora, prefix, prompt  # the method modules of MODULES
 from .adapters import AdapterConfig
 from .bitfit import BitFitConfig
@@ -43,9 +46,9 @@ from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
 __all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
-           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "flag_type",
-           "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags", "parse_targets",
-           "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap"]
+           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "disabled",
+           "flag_type", "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags",
+           "parse_targets", "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -182,6 +185,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     if hasattr(_method(cfg), "load_extra"):
         _method(cfg).load_extra(model, Path(path))
     return model
+
+
+def disabled(model: nn.Module):
+    """Context manager: inside it, `model` computes exactly the base model (the adapter switched off, nothing
+    copied), e.g. the reference log-probs of DPO under PEFT. `with peft.disabled(m): ref = m(ids)`"""
+    method = _method(_config(model))
+    return getattr(method, "disabled", core.disabled)(model)
 
 
 def _merger(model, what: str):
