@@ -127,3 +127,39 @@ def kto(logps, ref_logps, desirable, kl, beta: float, desirable_weight: float = 
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
     return losses, beta * r.detach()
+
+
+REFERENCE_FREE = ("simpo", "orpo")  # --pref-loss values that need no reference model
+
+
+def loss_sum(model, batch, device, cfg, reference):
+    """Sum of this micro-batch's per-pair (DPO stage) or per-example (KTO stage) losses, and sums of the logged
+    metrics (TRL's names). train.py divides both by the global pair / example count, as the SFT loss by the
+    global token count. reference(batch) -> the reference model's completion log-probs of every row (B,), under
+    no_grad. cfg: train.py's config (stage, pref_loss, beta, label_smoothing, simpo_gamma, kto_*_weight)."""
+    lp, n = completion_logps(model, batch, device)                              # (B,), (B,)
+    n = n.to(lp.dtype)
+    if "pairs" in batch:
+        p = batch["pairs"]
+        pc, pr, nc, nr = lp[:p], lp[p:], n[:p], n[p:]
+        ref = None if cfg.pref_loss in REFERENCE_FREE else reference(batch)
+        if cfg.pref_loss == "sigmoid":
+            losses, rw, rl = dpo(pc, pr, ref[:p], ref[p:], cfg.beta, cfg.label_smoothing)
+        elif cfg.pref_loss == "ipo":
+            losses, rw, rl = ipo(pc, pr, ref[:p], ref[p:], nc, nr, cfg.beta)
+        elif cfg.pref_loss == "simpo":
+            losses, rw, rl = simpo(pc, pr, nc, nr, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        else:  # orpo: the SFT term is the chosen completion's token-mean NLL (the paper's L_SFT, eq. 2)
+            losses, rw, rl = orpo(pc, pr, nc, nr, cfg.beta)
+            losses = losses - pc / nc.clamp(min=1)
+        return losses.sum(), {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(),
+                              "rewards/margins": (rw - rl).sum(), "rewards/accuracies": (rw > rl).float().sum()}
+    k = batch["examples"]  # KTO: rows [0, k) are the examples, [k, 2k) the mismatched KL rows
+    with torch.no_grad():
+        ref = reference(batch)
+        # z0: the KL rows' mean log-ratio, per micro-batch, clamped at 0 and not differentiated
+        kl = (lp[k:].detach() - ref[k:]).mean().clamp(min=0)
+    desirable = batch["desirable"].to(device)
+    losses, r = kto(lp[:k], ref[:k], desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+    return losses.sum(), {"rewards/chosen": r[desirable].sum(), "rewards/rejected": r[~desirable].sum(),
+                          "kl": kl * k}

@@ -46,9 +46,10 @@ from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
 __all__ = ["AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
-           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "disabled",
-           "flag_type", "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags",
-           "parse_targets", "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap"]
+           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "check_table", "config_from_json",
+           "disabled", "flag_type", "load_adapter", "merge", "merge_and_unload", "method_config", "method_configs",
+           "method_flags", "parse_targets", "read_adapter", "save_adapter", "trainable_summary", "type_ok", "unmerge",
+           "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -77,6 +78,43 @@ def method_flags() -> dict:
         types = {f.name: f.type for f in fields(cls)}
         out.update({flag: flag_type(types[name]) for flag, name in cls.flags.items()})
     return out
+
+
+def type_ok(value, tp) -> bool:
+    """Is a TOML value of the type a train.py field or flag expects? (bool is not a number; an int is a float.)"""
+    if tp is parse_targets:
+        return isinstance(value, (str, list))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+
+
+def check_table(name: str, table: dict, source: str) -> dict:
+    """A method's table of train.py's TOML config ([lora], [dora], ...): its keys are the config dataclass's own
+    field names, typed as the fields are. Returns the table; ValueError naming the file, table and key."""
+    types = {f.name: f.type for f in fields(method_configs()[name][0])}
+    bad = [f for f in table if f not in types]
+    if bad:
+        raise ValueError(f"{source}: [{name}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(types))})")
+    bad = [f for f, x in table.items() if not type_ok(x, flag_type(types[f]))]
+    if bad:
+        raise ValueError(f"{source}: [{name}]: {bad[0]} = {table[bad[0]]!r}: expected {types[bad[0]]}")
+    return table
+
+
+def method_config(method: str, args: dict, model_path: str = ""):
+    """train.py's --method (or qlora, LoRA over an NF4 base) -> its config dataclass: the fields the method's name
+    presets, then its TOML table ([lora], or that of another name of the same config, e.g. [dora]), then its
+    flags (which win, as flags do over TOML). args: train.py's method_args (flags and tables by name)."""
+    methods = method_configs()
+    cls, kw = methods["lora" if method == "qlora" else method]
+    kw = dict(kw)
+    for name in [n for n, (c, _) in methods.items() if c is cls] + ["qlora"] * (cls is LoraConfig):
+        kw.update(args.get(name, {}))
+    kw.update({f: args[flag] for flag, f in cls.flags.items() if flag in args})
+    if "base_model_name_or_path" in {f.name for f in fields(cls)}:
+        kw.setdefault("base_model_name_or_path", model_path)  # e.g. prompt tuning's text init reads its tokenizer
+    return cls(**kw)
 
 
 def config_from_json(d: dict, source: str = CONFIG_FILE):
