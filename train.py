@@ -47,9 +47,9 @@ class TrainConfig:
     out: str = "runs/train"
     method: str = "lora"                  # full | qlora | a name from peft's method table
     stage: str = "sft"                    # sft (chats, raw text) | dpo (chosen/rejected pairs) | kto (labelled)
-    pref_loss: str = "sigmoid"            # --stage dpo: sigmoid (DPO) | ipo | simpo | orpo (model/preference.py)
+    pref_loss: str = "sigmoid"            # --stage dpo: sigmoid (DPO) | robust | ipo | simpo | orpo
     beta: float = 0.1                     # DPO / IPO / KTO / SimPO beta; ORPO's lambda
-    label_smoothing: float = 0.0          # cDPO's eps (sigmoid) and SimPO's
+    label_smoothing: float = 0.0          # eps: cDPO (sigmoid), robust DPO (< 0.5), SimPO
     simpo_gamma: float = 0.5              # SimPO's target margin
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
@@ -138,7 +138,7 @@ def parse_args(argv=None) -> TrainConfig:
             setattr(cfg, k, v) if k in own else cfg.method_args.__setitem__(k, v)
     for k, v in (("method", ("full", "qlora", *methods)), ("schedule", ("cosine", "linear", "constant")),
                  ("precision", ("fp32", "bf16", "fp16", "auto")), ("stage", ("sft", "dpo", "kto")),
-                 ("pref_loss", ("sigmoid", "ipo", "simpo", "orpo"))):
+                 ("pref_loss", ("sigmoid", "robust", "ipo", "simpo", "orpo"))):
         if getattr(cfg, k) not in v:
             sys.exit(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
     if not cfg.data:
@@ -149,6 +149,8 @@ def parse_args(argv=None) -> TrainConfig:
         sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
     if cfg.pack and cfg.stage != "sft":
         sys.exit(f"error: --pack: not with --stage {cfg.stage} (each pair or example is scored as its own row)")
+    if cfg.pref_loss == "robust" and cfg.label_smoothing >= 0.5:
+        sys.exit(f"error: --label-smoothing {cfg.label_smoothing}: robust DPO needs a flip rate < 0.5")
     if cfg.zero and cfg.precision == "fp16":
         sys.exit("error: --zero: use --precision bf16 or fp32 (ZeRO has no fp16 loss scaling)")
     for k in POSITIVE + NON_NEGATIVE + FRACTIONS:
@@ -266,8 +268,9 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
     if optimizer.step():  # False: fp16 loss scaling skipped a step with inf/nan gradients (the LR waits too)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    counts = {k[3:]: all_sum(v, device) for k, v in sums.items() if k.startswith("_n/")}  # else: per pair/example
     return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global),  # pairs / examples: dpo, kto
-            **{k: all_sum(v, device) / max(n_global, 1) for k, v in sums.items()}}
+            **{k: all_sum(v, device) / max(counts.get(k, n_global), 1) for k, v in sums.items() if k[:3] != "_n/"}}
 
 
 def make_optimizer(model, cfg: TrainConfig):

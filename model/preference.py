@@ -83,6 +83,14 @@ def dpo(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
+def robust(pc, pr, rc, rr, beta: float, label_smoothing: float):
+    """Robust DPO (Chowdhury et al. 2024, eq. 8): unbiased under preference labels flipped with probability eps,
+        loss = ((1 - eps) * -log sigma(beta * D) - eps * -log sigma(-beta * D)) / (1 - 2 eps)   (eps < 1/2)."""
+    d = beta * ((pc - rc) - (pr - rr))
+    losses = (-(1 - label_smoothing) * F.logsigmoid(d) + label_smoothing * F.logsigmoid(-d)) / (1 - 2 * label_smoothing)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
 def ipo(pc, pr, rc, rr, nc, nr, beta: float):
     """IPO (Azar et al. 2023, eq. 17): (h - 1 / (2 tau))^2 with tau = beta, where h is the difference of the
     log-ratios, each averaged over its completion's tokens (as TRL does, confirmed with the IPO authors)."""
@@ -145,6 +153,8 @@ def loss_sum(model, batch, device, cfg, reference):
         ref = None if cfg.pref_loss in REFERENCE_FREE else reference(batch)
         if cfg.pref_loss == "sigmoid":
             losses, rw, rl = dpo(pc, pr, ref[:p], ref[p:], cfg.beta, cfg.label_smoothing)
+        elif cfg.pref_loss == "robust":
+            losses, rw, rl = robust(pc, pr, ref[:p], ref[p:], cfg.beta, cfg.label_smoothing)
         elif cfg.pref_loss == "ipo":
             losses, rw, rl = ipo(pc, pr, ref[:p], ref[p:], nc, nr, cfg.beta)
         elif cfg.pref_loss == "simpo":
@@ -161,5 +171,6 @@ def loss_sum(model, batch, device, cfg, reference):
         kl = (lp[k:].detach() - ref[k:]).mean().clamp(min=0)
     desirable = batch["desirable"].to(device)
     losses, r = kto(lp[:k], ref[:k], desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-    return losses.sum(), {"rewards/chosen": r[desirable].sum(), "rewards/rejected": r[~desirable].sum(),
-                          "kl": kl * k}
+    # TRL's KTO rewards are means over the desirable / undesirable examples: "_n/" sums are those counts
+    return losses.sum(), {"rewards/chosen": r[desirable].sum(), "rewards/rejected": r[~desirable].sum(), "kl": kl * k,
+                          "_n/rewards/chosen": desirable.sum(), "_n/rewards/rejected": (~desirable).sum()}
