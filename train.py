@@ -53,6 +53,7 @@ class TrainConfig:
     simpo_gamma: float = 0.5              # SimPO's target margin
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    precompute_ref: bool = False          # reference log-probs in one pass before training (full FT: no copy kept)
     max_steps: int = 0                    # optimizer steps; 0: use --epochs
     epochs: float = 1.0
     batch_size: int = 4                   # micro-batch per rank
@@ -149,6 +150,8 @@ def parse_args(argv=None) -> TrainConfig:
         sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
     if cfg.pack and cfg.stage != "sft":
         sys.exit(f"error: --pack: not with --stage {cfg.stage} (each pair or example is scored as its own row)")
+    if cfg.precompute_ref and cfg.stage != "dpo":
+        sys.exit("error: --precompute-ref: for --stage dpo (KTO's KL rows are paired within each batch)")
     if cfg.pref_loss == "robust" and cfg.label_smoothing >= 0.5:
         sys.exit(f"error: --label-smoothing {cfg.label_smoothing}: robust DPO needs a flip rate < 0.5")
     if cfg.zero and cfg.precision == "fp16":
@@ -228,15 +231,23 @@ def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
     return total, {}
 
 
-def reference_fn(model, cfg: TrainConfig, device):
+def reference_fn(model, cfg: TrainConfig, device, splits, pad_id):
     """Preference stages: batch -> the reference model's completion log-probs. Under PEFT the same model with its
-    adapter switched off (peft.disabled: no second copy); full fine-tuning: a frozen copy made before training."""
-    ref = copy.deepcopy(model).requires_grad_(False) if cfg.method == "full" and cfg.stage != "sft" else None
+    adapter switched off (peft.disabled: no second copy); full fine-tuning: a frozen copy made before training,
+    or with --precompute-ref the initial model's log-probs of every example, computed once here (no copy)."""
+    full = cfg.method == "full" and cfg.stage != "sft"
+    ref = copy.deepcopy(model).requires_grad_(False) if full and not cfg.precompute_ref else None
 
     @torch.no_grad()
     def reference(batch):
-        with peft.disabled(model) if ref is None else contextlib.nullcontext():
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(device)
+        with contextlib.nullcontext() if full else peft.disabled(model):
             return preference.completion_logps(model if ref is None else ref, batch, device)[0]
+    for items in splits if cfg.precompute_ref else ():
+        for i in range(0, len(items), cfg.batch_size):
+            part = items[i:i + cfg.batch_size]
+            data.set_reference(part, reference(data.collate(part, pad_id)))
     return reference
 
 
@@ -398,7 +409,7 @@ def main(argv=None):
     order = data.BatchOrder([len(e) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
                             bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
-    reference = reference_fn(model, cfg, device)  # before training: full fine-tuning's copy is the initial model
+    reference = reference_fn(model, cfg, device, (train_ex, eval_ex), pad_id)  # before training: the initial model
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer.optimizer, cfg, total)

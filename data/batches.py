@@ -134,6 +134,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
     """One batch of 2P rows: the P chosen completions, then the P rejected ones (one forward for both)."""
     b = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     b["pairs"] = len(pairs)
+    if all(p.ref is not None for p in pairs):  # --precompute-ref
+        b["ref_logps"] = torch.cat([torch.stack([p.ref[0] for p in pairs]), torch.stack([p.ref[1] for p in pairs])])
     return b
 
 
@@ -150,6 +152,13 @@ def collate_labelled(items: list[Labelled], pad_id: int) -> dict:
     b["examples"] = len(items)
     b["desirable"] = torch.tensor([it.desirable for it in items])
     return b
+
+
+def set_reference(items: list, logps: torch.Tensor):
+    """Store the reference log-probs of a collated batch of `items` (--precompute-ref) on the items themselves."""
+    ref = logps.float().cpu()
+    for i, it in enumerate(items):
+        it.ref = ref[[i, i + len(items)]]                 # (chosen, rejected)
 
 
 def count_targets(batch) -> int:

@@ -25,6 +25,7 @@ from .records import ROLES, SHAREGPT_ROLES, DataError, _json_array, _jsonl, _str
 class Pair:
     chosen: Example
     rejected: Example
+    ref: object = None  # (2,) tensor: the reference log-probs of chosen, rejected (--precompute-ref)
 
     def __len__(self):
         return max(len(self.chosen.ids), len(self.rejected.ids))

@@ -126,14 +126,15 @@ def test_dpo_trains_with_the_adapter_disabled_as_reference(setup, tmp_path):
 
 
 def test_dpo_loss_is_per_pair_across_micro_batches_and_ranks(setup, tmp_path):
-    """One batch of 4 pairs == 2 micro-batches of 2 == 2 gloo ranks x 1 x 2 micro-batches (losses, rewards)."""
+    """One batch of 4 pairs == 2 micro-batches of 2 == 2 gloo ranks x 1 x 2 micro-batches, plain or ZeRO-3."""
     runs = {"one": ["--batch-size", "4"], "accum": ["--batch-size", "2", "--grad-accum", "2"]}
     for name, extra in runs.items():
         train.main(argv(setup, tmp_path / name, "--max-steps", "3", "--pref-loss", "ipo", *extra))
-    run_train(argv(setup, tmp_path / "ranks", "--max-steps", "3", "--pref-loss", "ipo", "--batch-size", "1",
-                   "--grad-accum", "2"), ranks=2)
+    for name, zero in (("ranks", "0"), ("zero3", "3")):  # plain data parallel, and ZeRO-3 (sharded blocks)
+        run_train(argv(setup, tmp_path / name, "--max-steps", "3", "--pref-loss", "ipo", "--batch-size", "1",
+                       "--grad-accum", "2", "--zero", zero), ranks=2)
     want = metrics(tmp_path / "one")
-    for name in ("accum", "ranks"):
+    for name in ("accum", "ranks", "zero3"):
         got = metrics(tmp_path / name)
         for a, b in zip(want, got):
             for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
@@ -147,3 +148,42 @@ def test_preference_flags_are_checked_before_anything_is_written(setup, tmp_path
         with pytest.raises(SystemExit, match=msg):
             train.main(argv(setup, tmp_path / "x", *extra))
         assert not (tmp_path / "x").exists()
+
+
+def test_full_fine_tuning_reference_copy_or_precomputed_give_the_same_run(setup, tmp_path):
+    """Full FT: a frozen copy of the initial model, or its log-probs computed once (--precompute-ref, no copy)."""
+    for name, extra in (("copy", []), ("pre", ["--precompute-ref"])):
+        train.main(argv(setup, tmp_path / name, "--method", "full", "--lr", "1e-3", "--batch-size", "4",
+                        "--max-steps", "3", *extra))
+    a, b = metrics(tmp_path / "copy"), metrics(tmp_path / "pre")
+    assert abs(a[0]["loss"] - math.log(2)) < 1e-6  # the policy is the reference at step 1
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 and abs(x["rewards/margins"] - y["rewards/margins"]) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ia3", "bitfit", "llama_adapter", "qlora"])
+def test_every_method_starts_at_log2_and_learns(setup, tmp_path, method):
+    """The adapter switched off is the reference for every PEFT method: at init (identity adapters) the margins
+    are 0; prompt methods are not identities at init, so only their training is checked (every step sees the
+    same 16 pairs: the mean margin over them must grow)."""
+    extra = {"bitfit": ["--bitfit-targets", "all-linear"], "llama_adapter": ["--adapter-layers", "2"]}.get(method, [])
+    train.main(argv(setup, tmp_path / method, "--method", method, "--batch-size", "16", "--max-steps", "4", *extra))
+    m = metrics(tmp_path / method)
+    if method not in ("prefix", "prompt"):
+        assert abs(m[0]["loss"] - math.log(2)) < 1e-6
+    assert m[-1]["rewards/margins"] > m[0]["rewards/margins"]
+
+
+def test_dpo_resume_after_sigkill_is_bit_identical(setup, tmp_path):
+    from tests.test_train import KILL_AFTER_SAVE_5
+    from safetensors.torch import load_file
+    flags = ["--batch-size", "4", "--max-steps", "8", "--save-every", "5", "--lora-dropout", "0.1"]
+    train.main(argv(setup, tmp_path / "a", *flags))
+    r = run_train(argv(setup, tmp_path / "b", *flags), patch=KILL_AFTER_SAVE_5, check=False)
+    assert r.returncode == -9 and train.complete_checkpoints(tmp_path / "b") == [5]
+    run_train(argv(setup, tmp_path / "b", *flags, "--resume"))
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [(x["step"], x["loss"], x["rewards/margins"]) for x in a] == \
+        [(x["step"], x["loss"], x["rewards/margins"]) for x in b]
+    wa, wb = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
