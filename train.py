@@ -14,8 +14,6 @@ Methods come from peft's method table (peft/__init__.py `MODULES`): each method'
 linears are quantized to NF4 while loading, quant/) are the two it knows itself.
 """
 import argparse
-import contextlib
-import copy
 import json
 import math
 import os
@@ -231,30 +229,6 @@ def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
     return total, {}
 
 
-def reference_fn(model, cfg: TrainConfig, device, splits, pad_id):
-    """Preference stages: batch -> the reference model's completion log-probs. Under PEFT the same model with its
-    adapter switched off (peft.disabled: no second copy); full fine-tuning: a frozen copy made before training,
-    or with --precompute-ref the initial model's log-probs of every example, computed once here (no copy)."""
-    full = cfg.method == "full" and cfg.stage != "sft"
-    ref = copy.deepcopy(model).requires_grad_(False) if full and not cfg.precompute_ref else None
-
-    @torch.no_grad()
-    def reference(batch):
-        if "ref_logps" in batch:
-            return batch["ref_logps"].to(device)
-        with contextlib.nullcontext() if full else peft.disabled(model):
-            return preference.completion_logps(model if ref is None else ref, batch, device)[0]
-    for items in splits if cfg.precompute_ref else ():
-        for i in range(0, len(items), cfg.batch_size):
-            part = items[i:i + cfg.batch_size]
-            data.set_reference(part, reference(data.collate(part, pad_id)))
-    return reference
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
-
-
 # ------------------------------------------------------------------------------------------------ the step
 def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, reference=None) -> dict:
     """One optimizer step over this rank's micro-batches. The same function for 1 or N processes, plain data
@@ -409,7 +383,12 @@ def main(argv=None):
     order = data.BatchOrder([len(e) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
                             bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
-    reference = reference_fn(model, cfg, device, (train_ex, eval_ex), pad_id)  # before training: the initial model
+    # preference stages: the reference is the initial model; under PEFT with its adapter off (no copy)
+    full = cfg.method == "full"
+    reference = preference.reference(model, device, copy=full and cfg.stage != "sft" and not cfg.precompute_ref,
+                                     disabled=None if full else peft.disabled)
+    if cfg.precompute_ref:  # its log-probs of every pair, once, now: full fine-tuning keeps no copy
+        data.precompute_reference((train_ex, eval_ex), reference, cfg.batch_size, pad_id)
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer.optimizer, cfg, total)

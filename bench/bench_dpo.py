@@ -45,7 +45,7 @@ def worker_ours(model_dir, pairs, steps, warmup):
                             method_args={"lora_r": R, "lora_alpha": ALPHA, "lora_targets": "all-linear"})
     device = torch.device("cpu")
     model = train.build_model(cfg, device)
-    reference = train.reference_fn(model, cfg, device, (), 0)
+    reference = train.preference.reference(model, device, disabled=train.peft.disabled)
     model.train()
     opt = train.make_optimizer(model, cfg)
     sched = train.make_scheduler(opt.optimizer, cfg, 1000)

@@ -154,11 +154,15 @@ def collate_labelled(items: list[Labelled], pad_id: int) -> dict:
     return b
 
 
-def set_reference(items: list, logps: torch.Tensor):
-    """Store the reference log-probs of a collated batch of `items` (--precompute-ref) on the items themselves."""
-    ref = logps.float().cpu()
-    for i, it in enumerate(items):
-        it.ref = ref[[i, i + len(items)]]                 # (chosen, rejected)
+def precompute_reference(splits, reference, batch_size: int, pad_id: int):
+    """--precompute-ref: the reference log-probs of every pair of every split, stored on the pairs (collate_pairs
+    then hands them to the loss as batch["ref_logps"])."""
+    for items in splits:
+        for i in range(0, len(items), batch_size):
+            part = items[i:i + batch_size]
+            ref = reference(collate(part, pad_id)).float().cpu()     # (2P,): chosen rows, then rejected
+            for k, p in enumerate(part):
+                p.ref = ref[[k, k + len(part)]]                        # (chosen, rejected)
 
 
 def count_targets(batch) -> int:

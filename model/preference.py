@@ -10,6 +10,8 @@ of pairs / examples, like the SFT loss over tokens) and TRL-named rewards for lo
 The log-probs are computed only at completion positions and in chunks (ChunkedLogp), so no (tokens x vocab)
 tensor is kept for backward: backward recomputes each chunk's logits once.
 """
+import contextlib
+import copy as _copy
 import math
 
 import torch
@@ -135,6 +137,21 @@ def kto(logps, ref_logps, desirable, kl, beta: float, desirable_weight: float = 
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
     return losses, beta * r.detach()
+
+
+def reference(model, device, copy: bool = False, disabled=None):
+    """batch -> the reference model's completion log-probs (B,), without gradients: `batch["ref_logps"]` when
+    precomputed, else the model inside `disabled(model)` (peft.disabled: the adapter switched off, no second copy)
+    or, with copy=True (full fine-tuning), a frozen copy of the model as it is now, before training."""
+    ref = _copy.deepcopy(model).requires_grad_(False) if copy else model
+
+    @torch.no_grad()
+    def logps(batch):
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(device)
+        with disabled(model) if disabled is not None else contextlib.nullcontext():
+            return completion_logps(ref, batch, device)[0]
+    return logps
 
 
 REFERENCE_FREE = ("simpo", "orpo")  # --pref-loss values that need no reference model
