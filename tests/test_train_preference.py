@@ -187,3 +187,11 @@ def test_dpo_resume_after_sigkill_is_bit_identical(setup, tmp_path):
         [(x["step"], x["loss"], x["rewards/margins"]) for x in b]
     wa, wb = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_data_inspect_shows_pairs_with_the_trained_tokens_marked(setup, capsys):
+    from data import inspect
+    inspect.main(["--model", setup["model"], "--data", setup["data"], "--stage", "dpo", "-n", "1"])
+    out = capsys.readouterr().out
+    assert "--- 0 chosen" in out and "--- 0 rejected" in out and "16 records, 16 pairs" in out
+    assert out.count("⟦") == 2  # one trained run per row: the completion and its end-of-turn
