@@ -33,6 +33,7 @@ import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints, file_hash,
                       plot_loss, remove_partial, resume, same_on_all_ranks, save_checkpoint)
+from model import preference
 from model.ops import ChunkedCE, native_half_gemm
 from model.sampling import generate
 
@@ -43,6 +44,14 @@ class TrainConfig:
     data: str = ""                        # training file(s), comma-separated
     out: str = "runs/train"
     method: str = "lora"                  # full | qlora | a name from peft's method table
+    stage: str = "sft"                    # sft (chats, raw text) | dpo (chosen/rejected pairs) | kto (labelled)
+    pref_loss: str = "sigmoid"            # --stage dpo: sigmoid (DPO) | robust | ipo | simpo | orpo
+    beta: float = 0.1                     # DPO / IPO / KTO / SimPO beta; ORPO's lambda
+    label_smoothing: float = 0.0          # eps: cDPO (sigmoid), robust DPO (< 0.5), SimPO
+    simpo_gamma: float = 0.5              # SimPO's target margin
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    precompute_ref: bool = False          # reference log-probs in one pass before training (full FT: no copy kept)
     max_steps: int = 0                    # optimizer steps; 0: use --epochs
     epochs: float = 1.0
     batch_size: int = 4                   # micro-batch per rank
@@ -84,19 +93,11 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ command line + TOML
 # range checks, before anything is loaded: > 0, >= 0, and fractions in [0, 1)
-POSITIVE = ("batch_size", "grad_accum", "seq_len", "lr", "adam_eps", "log_every", "collective_timeout")
+POSITIVE = ("batch_size", "grad_accum", "seq_len", "lr", "adam_eps", "log_every", "collective_timeout", "beta",
+            "kto_desirable_weight", "kto_undesirable_weight")
 NON_NEGATIVE = ("max_steps", "epochs", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_samples",
                 "save_every", "keep", "seed")
-FRACTIONS = ("adam_beta1", "adam_beta2", "eval_split")
-
-
-def type_ok(value, tp) -> bool:
-    """Is a TOML value of the type a field or flag expects? (bool is not a number; an int is a float.)"""
-    if tp is peft.parse_targets:
-        return isinstance(value, (str, list))
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+FRACTIONS = ("adam_beta1", "adam_beta2", "eval_split", "label_smoothing")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -118,36 +119,39 @@ def parse_args(argv=None) -> TrainConfig:
         for k, v in toml.items():
             k = k.replace("-", "_")
             tp = own.get(k) or opts.get(k)
-            if tp is not None and not type_ok(v, tp):
+            if tp is not None and not peft.type_ok(v, tp):
                 sys.exit(f"error: {a['config']}: {k} = {v!r}: expected {getattr(tp, '__name__', tp)}")
             if k in own:
                 setattr(cfg, k, v)
             elif k in opts:
                 cfg.method_args[k] = opts[k](v) if isinstance(v, str) else v
             elif k in methods and isinstance(v, dict):  # a [lora] table: the config's own field names
-                types = {f.name: f.type for f in fields(methods[k][0])}
-                bad = [f for f in v if f not in types]
-                if bad:
-                    sys.exit(f"error: {a['config']}: [{k}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(types))})")
-                bad = [f for f, x in v.items() if not type_ok(x, peft.flag_type(types[f]))]
-                if bad:
-                    sys.exit(f"error: {a['config']}: [{k}]: {bad[0]} = {v[bad[0]]!r}: expected {types[bad[0]]}")
-                cfg.method_args[k] = v
+                try:
+                    cfg.method_args[k] = peft.check_table(k, v, a["config"])
+                except ValueError as e:
+                    sys.exit(f"error: {e}")
             else:
                 sys.exit(f"error: {a['config']}: unknown key {k!r}")
     for k, v in a.items():
         if v is not None:
             setattr(cfg, k, v) if k in own else cfg.method_args.__setitem__(k, v)
     for k, v in (("method", ("full", "qlora", *methods)), ("schedule", ("cosine", "linear", "constant")),
-                 ("precision", ("fp32", "bf16", "fp16", "auto"))):
+                 ("precision", ("fp32", "bf16", "fp16", "auto")), ("stage", ("sft", "dpo", "kto")),
+                 ("pref_loss", ("sigmoid", "robust", "ipo", "simpo", "orpo"))):
         if getattr(cfg, k) not in v:
-            sys.exit(f"error: --{k} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
+            sys.exit(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
     if not cfg.data:
         sys.exit("error: --data is required")
     if cfg.zero not in (0, 1, 2, 3):
         sys.exit(f"error: --zero {cfg.zero}: expected 0 (plain data parallel), 1, 2 or 3")
     if cfg.offload and not cfg.zero:
         sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
+    if cfg.pack and cfg.stage != "sft":
+        sys.exit(f"error: --pack: not with --stage {cfg.stage} (each pair or example is scored as its own row)")
+    if cfg.precompute_ref and cfg.stage != "dpo":
+        sys.exit("error: --precompute-ref: for --stage dpo (KTO's KL rows are paired within each batch)")
+    if cfg.pref_loss == "robust" and cfg.label_smoothing >= 0.5:
+        sys.exit(f"error: --label-smoothing {cfg.label_smoothing}: robust DPO needs a flip rate < 0.5")
     if cfg.zero and cfg.precision == "fp16":
         sys.exit("error: --zero: use --precision bf16 or fp32 (ZeRO has no fp16 loss scaling)")
     for k in POSITIVE + NON_NEGATIVE + FRACTIONS:
@@ -166,29 +170,16 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- model + method
-def method_config(cfg: TrainConfig):
-    """The method's own config dataclass: the fields its --method name presets, then its TOML table ([lora], or
-    that of another name of the same config, e.g. [dora]), then its flags (which win, as flags do over TOML)."""
-    methods = peft.method_configs()
-    cls, kw = methods["lora" if cfg.method == "qlora" else cfg.method]
-    kw = dict(kw)
-    for name in [n for n, (c, _) in methods.items() if c is cls] + ["qlora"] * (cls is peft.LoraConfig):
-        kw.update(cfg.method_args.get(name, {}))
-    kw.update({f: cfg.method_args[flag] for flag, f in cls.flags.items() if flag in cfg.method_args})
-    if "base_model_name_or_path" in {f.name for f in fields(cls)}:
-        kw.setdefault("base_model_name_or_path", cfg.model)  # e.g. prompt tuning's text init reads its tokenizer
-    return cls(**kw)
-
-
 def build_model(cfg: TrainConfig, device):
     """Load the base, attach the method, freeze what is frozen."""
+    pcfg = None if cfg.method == "full" else peft.method_config(cfg.method, cfg.method_args, cfg.model)
     if cfg.method == "full":
         model = M.load_pretrained(cfg.model, dtype=torch.float32, device=device)
     elif cfg.method == "qlora":  # the base's linears are quantized to NF4 while loading, then LoRA on top
         from quant import qlora
-        model = qlora.load_qlora(cfg.model, method_config(cfg), dtype=torch.float32, device=device)
+        model = qlora.load_qlora(cfg.model, pcfg, dtype=torch.float32, device=device)
     else:  # prompt methods return a wrapper holding the base as .base; the others modify the base in place
-        model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), method_config(cfg))
+        model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), pcfg)
     peft.unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
     pcfg = getattr(model, "peft_config", None)  # None for full fine-tuning
     if precision(cfg, device) == "bf16" and getattr(pcfg, "bf16_frozen_base", False):
@@ -218,9 +209,12 @@ def autocast(cfg: TrainConfig, device):
 
 
 # ------------------------------------------------------------------------------------------------------- loss
-def loss_sum(model, batch, device, chunk: int = 256):
-    """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar).
+def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
+    """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar) and the
+    metrics' sums ({} for SFT); preference batches: the sum of their pair / example losses (model/preference.py).
     chunk: positions per (chunk, vocab) logits block, the forward's largest transient (README: benchmarks)."""
+    if "pairs" in batch or "examples" in batch:
+        return preference.loss_sum(model, batch, device, cfg, reference)
     ids = batch["input_ids"].to(device)
     hidden = model(ids, attention_mask=_to(batch["attention_mask"], device),
                    position_ids=_to(batch["position_ids"], device), hidden_only=True)   # (B, T, D)
@@ -229,11 +223,11 @@ def loss_sum(model, batch, device, chunk: int = 256):
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
-        return ChunkedCE.apply(h, head.weight, y, chunk, dtype)
+        return ChunkedCE.apply(h, head.weight, y, chunk, dtype), {}
     total = 0.0  # a wrapped lm_head (e.g. LoRA on lm_head): plain chunks
     for i in range(0, h.shape[0], chunk):
         total = total + nn.functional.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")
-    return total
+    return total, {}
 
 
 def _to(x, device):
@@ -241,18 +235,19 @@ def _to(x, device):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device) -> dict:
+def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, reference=None) -> dict:
     """One optimizer step over this rank's micro-batches. The same function for 1 or N processes, plain data
     parallel or ZeRO: the optimizer reduces the gradients itself (plain: one all-reduce at clip; ZeRO 2/3:
     reduce-scatters of gradient buckets while backward runs; ZeRO 1: at clip)."""
     n_global = all_sum(sum(data.count_targets(b) for b in micro_batches), device)
-    total = 0.0
+    total, sums = 0.0, {}
     for i, b in enumerate(micro_batches):
         with autocast(cfg, device):
-            s = loss_sum(model, b, device)
+            s, logs = loss_sum(model, b, device, cfg, reference)
         # + a method's own loss term once per step (AdaLoRA's orthogonality regulariser; 0 for most methods)
         optimizer.backward(s / max(n_global, 1) + (peft.loss_term(model) if i == 0 else 0))
         total += s.item()
+        sums.update({k: sums.get(k, 0.0) + float(v) for k, v in logs.items()})
     loss = all_sum(total, device) / max(n_global, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
@@ -265,7 +260,9 @@ def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, dev
         scheduler.step()
         peft.after_step(model, scheduler.last_epoch)  # a method's step on this step's gradients (AdaLoRA's budget)
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global)}
+    counts = {k[3:]: all_sum(v, device) for k, v in sums.items() if k.startswith("_n/")}  # else: per pair/example
+    return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global),  # pairs / examples: dpo, kto
+            **{k: all_sum(v, device) / max(counts.get(k, n_global), 1) for k, v in sums.items() if k[:3] != "_n/"}}
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -300,14 +297,14 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 
 # --------------------------------------------------------------------------------------------------- data
 @torch.no_grad()
-def evaluate(model, examples, cfg: TrainConfig, device, pad_id) -> float:
-    """Token-weighted mean loss over the whole eval set."""
+def evaluate(model, examples, cfg: TrainConfig, device, pad_id, reference=None) -> float:
+    """Token-weighted mean loss over the whole eval set (preference stages: the mean pair / example loss)."""
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
         b = data.collate(examples[i:i + cfg.batch_size], pad_id)
         with autocast(cfg, device):
-            total += float(loss_sum(model, b, device))
+            total += float(loss_sum(model, b, device, cfg, reference)[0])
         n += data.count_targets(b)
     model.train()
     return total / max(n, 1)
@@ -390,11 +387,17 @@ def main(argv=None):
     traj = trajectory(cfg, world, model)
     same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    order = data.BatchOrder([len(e.ids) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
+    order = data.BatchOrder([len(e) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
                             bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
     if why := peft.start_run(model, total, cfg.zero):  # e.g. AdaLoRA's budget schedule against the run's steps
         sys.exit(f"error: {why}")
+    # preference stages: the reference is the initial model; under PEFT with its adapter off (no copy)
+    full = cfg.method == "full"
+    reference = preference.reference(model, device, copy=full and cfg.stage != "sft" and not cfg.precompute_ref,
+                                     disabled=None if full else peft.disabled)
+    if cfg.precompute_ref:  # its log-probs of every pair, once, now: full fine-tuning keeps no copy
+        data.precompute_reference((train_ex, eval_ex), reference, cfg.batch_size, pad_id)
     model.train()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer.optimizer, cfg, total)
@@ -424,7 +427,7 @@ def main(argv=None):
         ntok = all_sum(sum(int((b["input_ids"] != pad_id).sum()) if b["attention_mask"] is not None
                            else b["input_ids"].numel() for b in mbs), device)
         lr = optimizer.optimizer.param_groups[0]["lr"]
-        m = train_step(model, mbs, optimizer, scheduler, cfg, device)
+        m = train_step(model, mbs, optimizer, scheduler, cfg, device, reference)
         why = m.get("why") or (None if optimizer.finite() else "the update made weights non-finite (nan/inf)")
         if why:  # nothing of this step is saved: the last checkpoint passed the same checks
             last = complete_checkpoints(out)
@@ -436,12 +439,13 @@ def main(argv=None):
         dt = time.perf_counter() - t0
         seen += ntok
         rec = {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": int(seen),
-               "trained_tokens": m["trained_tokens"], "tokens_per_s": ntok / dt}
+               "trained_tokens": m["trained_tokens"], "tokens_per_s": ntok / dt,
+               **{k: v for k, v in m.items() if "/" in k or k == "kl"}}  # preference stages: TRL's metric names
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.log(rec)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and evaluator and eval_ex:
-            ev = evaluate(model, eval_ex, cfg, device, pad_id)
+            ev = evaluate(model, eval_ex, cfg, device, pad_id, reference)
             samples = sample_answers(model, tok, stats["prompts"], cfg, device)
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
             if rank == 0:

@@ -5,12 +5,14 @@ examples in one row with position_ids restarting at 0 for each and a block-diago
 never crosses an example boundary; the first token of each packed example is never a target (it would be
 predicted from the previous example), exactly as it is not in an unpacked row.
 """
+import functools
 import random
 
 import numpy as np
 import torch
 
 from .encode import Example, encode_record
+from .pairs import Labelled, Pair, load_preference, n_prompt
 from .records import DataError, read_records
 
 
@@ -95,10 +97,12 @@ def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool 
     return batches
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
+def collate(examples: list, pad_id: int) -> dict:
     """-> input_ids (B, T), train_mask (B, T) bool (token t is a target: what the loss reads), labels (B, T) with
     -100 (HF's form of the same mask, for HF references), position_ids (B, T) or None, attention_mask: None (no
     padding), (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows."""
+    if not isinstance(examples[0], Example):  # preference stages (data/pairs.py)
+        return (collate_pairs if isinstance(examples[0], Pair) else collate_labelled)(examples, pad_id)
     T = max(len(e.ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -126,15 +130,52 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return out
 
 
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
+    """One batch of 2P rows: the P chosen completions, then the P rejected ones (one forward for both)."""
+    b = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    b["pairs"] = len(pairs)
+    if all(p.ref is not None for p in pairs):  # --precompute-ref
+        b["ref_logps"] = torch.cat([torch.stack([p.ref[0] for p in pairs]), torch.stack([p.ref[1] for p in pairs])])
+    return b
+
+
+def collate_labelled(items: list[Labelled], pad_id: int) -> dict:
+    """KTO: the P completions, then P mismatched ones for the KL estimate: prompt i with the completion of
+    example i + 1 (cycled within the batch, as TRL builds its KL sequences), never trained, only scored."""
+    exs = [it.example for it in items]
+    kl = []
+    for i, e in enumerate(exs):
+        o = exs[(i + 1) % len(exs)]
+        p, q = n_prompt(e), n_prompt(o)
+        kl.append(Example(np.concatenate([e.ids[:p], o.ids[q:]]), np.concatenate([e.train[:p], o.train[q:]])))
+    b = collate(exs + kl, pad_id)
+    b["examples"] = len(items)
+    b["desirable"] = torch.tensor([it.desirable for it in items])
+    return b
+
+
+def precompute_reference(splits, reference, batch_size: int, pad_id: int):
+    """--precompute-ref: the reference log-probs of every pair of every split, stored on the pairs (collate_pairs
+    then hands them to the loss as batch["ref_logps"])."""
+    for items in splits:
+        for i in range(0, len(items), batch_size):
+            part = items[i:i + batch_size]
+            ref = reference(collate(part, pad_id)).float().cpu()     # (2P,): chosen rows, then rejected
+            for k, p in enumerate(part):
+                p.ref = ref[[k, k + len(part)]]                        # (chosen, rejected)
+
+
 def count_targets(batch) -> int:
-    """Number of predicted tokens in a batch (position 0 is never predicted)."""
-    return int(batch["train_mask"][:, 1:].sum())
+    """Number of predicted tokens in a batch (position 0 is never predicted); preference batches: of pairs or
+    labelled examples, what their loss averages over."""
+    return batch.get("pairs") or batch.get("examples") or int(batch["train_mask"][:, 1:].sum())
 
 
 def prompt_ids(ex: Example) -> list[int] | None:
     """The tokens before an example's first trained token (a chat's rendered prompt up to its first answer), to
     ask the model for a sample answer; None when the example has no untrained prompt (raw text,
     --train-on-prompt)."""
+    ex = ex.chosen if isinstance(ex, Pair) else ex.example if isinstance(ex, Labelled) else ex
     first = np.flatnonzero(ex.train)
     return ex.ids[:first[0]].tolist() if len(first) and first[0] > 0 else None
 
@@ -143,10 +184,13 @@ def load_splits(tok, cfg, verbose: bool = True):
     """train.py's train / eval examples (validated, tokenised, optionally packed) and stats, for a config with
     train.py's fields (data, eval_data, eval_split, seq_len, template, ...). stats["prompts"]: the prompt tokens of
     up to eval_samples eval examples (held-out data only), for sample answers. DataError on bad data."""
-    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, train_on_prompt=cfg.train_on_prompt,
-              skip_bad=cfg.skip_bad_records)
-    train, st = load_examples(tok, cfg.data.split(","), **kw)
-    ev, est = (load_examples(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
+    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, skip_bad=cfg.skip_bad_records)
+    if getattr(cfg, "stage", "sft") == "sft":
+        load = functools.partial(load_examples, train_on_prompt=cfg.train_on_prompt)
+    else:  # preference pairs / labelled completions (data/pairs.py)
+        load = functools.partial(load_preference, stage=cfg.stage)
+    train, st = load(tok, cfg.data.split(","), **kw)
+    ev, est = (load(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
     if cfg.eval_split and not cfg.eval_data:
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
@@ -155,9 +199,10 @@ def load_splits(tok, cfg, verbose: bool = True):
     if verbose:
         print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
               f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
-              f"dropped" + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
+              f"dropped" + (f"; {st['prompt_truncated']} whose completion starts past --seq-len dropped"
+                            if "prompt_truncated" in st else "") + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
                             if cfg.skip_bad_records else ""), flush=True)
-    st["prompts"] = [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]
+    st["prompts"] = [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]  # a pair's: its chosen row's
     if cfg.pack:
         train, ev = pack(train, cfg.seq_len), pack(ev, cfg.seq_len)
     if not train:

@@ -21,6 +21,9 @@ class Example:
     truncated: bool = False
     seg: np.ndarray | None = None  # (T,) int32 example index inside a packed row; None when not packed
 
+    def __len__(self):
+        return len(self.ids)
+
 
 def assistant_spans(tok, messages, template=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of the assistant answers + end-of-turn tokens."""

@@ -1,6 +1,7 @@
 """Show what the model will be trained on: rendered examples with the trained tokens marked, and statistics.
 
     python -m data.inspect --model DIR|FILE.gguf --data FILE[,FILE...] [-n 3] [--seq-len 2048] [--template NAME]
+                           [--stage sft|dpo|kto]   (dpo: each pair's chosen and rejected rows; kto: with its label)
 
 Trained tokens are printed between ⟦ and ⟧ (and in green on a terminal); everything else gets label -100.
 """
@@ -12,6 +13,7 @@ import numpy as np
 from model import load_tokenizer
 
 from .batches import load_examples
+from .pairs import load_preference
 from .records import DataError
 
 
@@ -39,7 +41,10 @@ def main(argv=None):
     ap.add_argument("--template", default=None)
     ap.add_argument("--train-on-prompt", action="store_true")
     ap.add_argument("--skip-bad-records", action="store_true")
+    ap.add_argument("--stage", default="sft", choices=("sft", "dpo", "kto"))
     a = ap.parse_args(argv)
+    if a.stage != "sft":
+        return inspect_preference(a)
     try:
         tok = load_tokenizer(a.model)
         exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, a.skip_bad_records)
@@ -57,6 +62,26 @@ def main(argv=None):
     print(f"length (tokens): min {pct[0]}  p50 {pct[1]}  p90 {pct[2]}  p99 {pct[3]}  max {pct[4]}")
     print(f"tokens: {st['tokens']}, trained: {st['trained_tokens']} "
           f"({100 * st['trained_tokens'] / max(st['tokens'], 1):.1f}%)")
+
+
+def inspect_preference(a):
+    """--stage dpo|kto: the pairs (chosen, then rejected) or labelled completions, trained tokens marked."""
+    try:
+        tok = load_tokenizer(a.model)
+        items, st = load_preference(tok, a.data.split(","), a.stage, a.seq_len, a.template, a.skip_bad_records)
+    except (DataError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    color = sys.stdout.isatty()
+    for k, it in enumerate(items[:a.n]):
+        rows = [("chosen", it.chosen), ("rejected", it.rejected)] if a.stage == "dpo" else \
+            [("desirable" if it.desirable else "undesirable", it.example)]
+        for name, ex in rows:
+            print(f"--- {k} {name} ({len(ex.ids)} tokens, {int(ex.train[1:].sum())} trained"
+                  f"{', truncated' if ex.truncated else ''}) ---")
+            print(render(tok, ex, color))
+    print(f"--- {st['records']} records, {st['examples']} {'pairs' if a.stage == 'dpo' else 'examples'}, "
+          f"{st['bad']} bad skipped, {st['truncated']} truncated to {a.seq_len}, {st['prompt_truncated']} whose "
+          "completion starts past --seq-len (dropped)")
 
 
 if __name__ == "__main__":

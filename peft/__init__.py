@@ -15,6 +15,8 @@ that tuple (adapter_config.json's peft_type, train.py's --method names and flags
   apply(model, cfg)   freeze the base, add the method's parameters (in place, or return a wrapper)
   export_state(model) / import_state(model, sd, source)   the adapter tensors under PEFT's keys
   merge / unmerge / unload (optional)   fold the update into the base weights, undo, drop the wrappers
+  disabled(model) (optional)  a context manager: the base model's forward inside it (the reference model of
+                      preference tuning); default core.disabled, for methods made of LinearWrapper layers
   save_extra / load_extra (optional)    files kept beside PEFT's two
   start_run / loss_term / after_step (optional)   train.py's hooks into the run (below), e.g. AdaLoRA's budget
 """
@@ -33,6 +35,7 @@ from model.io import read_safetensors, stored_shapes
 from model.model import Transformer
 from model.weights import meta_device
 
+from . import core
 from . import adalora, adapters, bitfit, ia3, llama_adapter, lora, mam, prefix, prompt, unipelt  # noqa: E501  (MODULES)
 from .adalora import AdaLoraConfig
 from .mam import MamConfig
@@ -46,11 +49,12 @@ from .lora import LoraConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig, PTuningConfig
 
-__all__ = ["AdaLoraConfig", "AdapterConfig", "MamConfig", "UniPeltConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig", "MODULES",
-           "PTuningConfig", "PrefixConfig", "PromptConfig", "apply", "check_adapter", "config_from_json", "flag_type",
-           "load_adapter", "merge", "merge_and_unload", "method_configs", "method_flags", "parse_targets",
-           "read_adapter", "save_adapter", "trainable_summary", "unmerge", "unwrap", "loss_term", "after_step",
-           "start_run"]
+__all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "IA3Config", "LlamaAdapterConfig", "LoraConfig",
+           "MODULES", "MamConfig", "PTuningConfig", "PrefixConfig", "PromptConfig", "UniPeltConfig", "after_step",
+           "apply", "check_adapter", "check_table", "config_from_json", "disabled", "flag_type", "load_adapter",
+           "loss_term", "merge", "merge_and_unload", "method_config", "method_configs", "method_flags",
+           "parse_targets", "read_adapter", "save_adapter", "start_run", "trainable_summary", "type_ok", "unmerge",
+           "unwrap"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -79,6 +83,43 @@ def method_flags() -> dict:
         types = {f.name: f.type for f in fields(cls)}
         out.update({flag: flag_type(types[name]) for flag, name in cls.flags.items()})
     return out
+
+
+def type_ok(value, tp) -> bool:
+    """Is a TOML value of the type a train.py field or flag expects? (bool is not a number; an int is a float.)"""
+    if tp is parse_targets:
+        return isinstance(value, (str, list))
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+
+
+def check_table(name: str, table: dict, source: str) -> dict:
+    """A method's table of train.py's TOML config ([lora], [dora], ...): its keys are the config dataclass's own
+    field names, typed as the fields are. Returns the table; ValueError naming the file, table and key."""
+    types = {f.name: f.type for f in fields(method_configs()[name][0])}
+    bad = [f for f in table if f not in types]
+    if bad:
+        raise ValueError(f"{source}: [{name}]: unknown key {bad[0]!r} (keys: {', '.join(sorted(types))})")
+    bad = [f for f, x in table.items() if not type_ok(x, flag_type(types[f]))]
+    if bad:
+        raise ValueError(f"{source}: [{name}]: {bad[0]} = {table[bad[0]]!r}: expected {types[bad[0]]}")
+    return table
+
+
+def method_config(method: str, args: dict, model_path: str = ""):
+    """train.py's --method (or qlora, LoRA over an NF4 base) -> its config dataclass: the fields the method's name
+    presets, then its TOML table ([lora], or that of another name of the same config, e.g. [dora]), then its
+    flags (which win, as flags do over TOML). args: train.py's method_args (flags and tables by name)."""
+    methods = method_configs()
+    cls, kw = methods["lora" if method == "qlora" else method]
+    kw = dict(kw)
+    for name in [n for n, (c, _) in methods.items() if c is cls] + ["qlora"] * (cls is LoraConfig):
+        kw.update(args.get(name, {}))
+    kw.update({f: args[flag] for flag, f in cls.flags.items() if flag in args})
+    if "base_model_name_or_path" in {f.name for f in fields(cls)}:
+        kw.setdefault("base_model_name_or_path", model_path)  # e.g. prompt tuning's text init reads its tokenizer
+    return cls(**kw)
 
 
 def config_from_json(d: dict, source: str = CONFIG_FILE):
@@ -187,6 +228,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     if hasattr(_method(cfg), "load_extra"):
         _method(cfg).load_extra(model, Path(path))
     return model
+
+
+def disabled(model: nn.Module):
+    """Context manager: inside it, `model` computes exactly the base model (the adapter switched off, nothing
+    copied), e.g. the reference log-probs of DPO under PEFT. `with peft.disabled(m): ref = m(ids)`"""
+    method = _method(_config(model))
+    return getattr(method, "disabled", core.disabled)(model)
 
 
 def _merger(model, what: str):

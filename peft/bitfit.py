@@ -14,10 +14,12 @@ File format (same layout as PEFT): adapter_config.json {"peft_type": "BITFIT", "
 | regex | null, "base_model_name_or_path": ...} and adapter_model.safetensors with every trained bias under
 `base_model.model.<module path>.bias` (out,), e.g. `base_model.model.model.layers.0.self_attn.q_proj.bias`.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import core
 from .core import export_state, import_state  # noqa: F401  (the package's save/load use these)
@@ -56,20 +58,30 @@ CONFIGS = (BitFitConfig,)
 
 
 def apply(model: nn.Module, cfg: BitFitConfig) -> nn.Module:
+    added = set()
     if cfg.targets is not None:
         for name in core.find_targets(model, cfg.targets, "BitFitConfig.targets"):
             lin = model.get_submodule(name)
             if lin.bias is None:
                 lin.bias = _new_bias(lin, True)
+                added.add(name)
     n = 0
     for name, m in model.named_modules():
         if core.is_linear(m) and getattr(m, "bias", None) is not None:
             m.adapter_names, n = ("bias",), n + 1  # BitFit adds no wrapper: the linear itself lists its bias
+            # the bias before training (None: BitFit added it), for peft.disabled; a buffer that is not saved
+            m.register_buffer("bias_base", None if name in added else m.bias.detach().clone(), persistent=False)
     if n == 0:
         raise ValueError("BitFitConfig: the model has no biases to train; name linears in targets "
                          "(e.g. 'all-linear') to give them zero-initialised biases")
     core.freeze(model)
     return model
+
+
+def disabled(model: nn.Module):
+    """peft.disabled: each trained bias back at its value before training (none where BitFit added one)."""
+    return core.forwards_replaced([(m, functools.partial(F.linear, weight=m.weight, bias=m.bias_base))
+                                   for m in model.modules() if "bias_base" in m._buffers])
 
 
 def merge(model: nn.Module):

@@ -7,6 +7,7 @@ module attribute `adapter_names`. Everything else here is built on that one conv
   freeze(model)              -> only those parameters train
   export_state / import_state -> the same tensors under HF PEFT's `base_model.model.` prefix
 """
+import contextlib
 import json
 import re
 import typing
@@ -218,3 +219,27 @@ def call_all(model: nn.Module, cls: type, method: str):
     for m in model.modules():
         if isinstance(m, cls):
             getattr(m, method)()
+
+
+@contextlib.contextmanager
+def forwards_replaced(pairs: list):
+    """Inside the block, each (module, fn) pair's module runs fn instead of its forward (an instance attribute
+    shadows the class's method); afterwards the class's forward is back, whatever happened inside."""
+    try:
+        for m, fn in pairs:
+            m.__dict__["forward"] = fn  # not nn.Module's setattr: a module as fn would become a child
+        yield
+    finally:
+        for m, _ in pairs:
+            m.__dict__.pop("forward", None)
+
+
+def disabled(model: nn.Module):
+    """The base model's forward while inside (peft.disabled): every wrapper runs its frozen layer only. The
+    default for methods made of LinearWrapper replacements (LoRA, DoRA, IA3, bottleneck adapters, QLoRA)."""
+    wrappers = [m for m in model.modules() if isinstance(m, LinearWrapper)]
+    if not wrappers:
+        raise ValueError(f"{type(getattr(model, 'peft_config', model)).__name__}: no adapter layers to disable")
+    if any(getattr(m, "merged", False) for m in wrappers):
+        raise ValueError("the adapter is merged into the base weights: unmerge it before disabling it")
+    return forwards_replaced([(m, m.base_forward) for m in wrappers])

@@ -15,6 +15,7 @@ adapter branch (PEFT's o_proj(adapter) would break identity at init there); Qwen
 them), with Qwen3's q_norm applied to Q like in the token attention.
 """
 import math
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from model.model import Attention, apply_rope
 
+from . import core
 from .core import build_config
 from .prompt import check_positive
 
@@ -120,6 +122,15 @@ def apply(model, cfg: LlamaAdapterConfig):
         layer.self_attn = AdaptedAttention.from_module(layer.self_attn, cfg.adapter_len)
     model.peft_config = cfg
     return model
+
+
+def disabled(model):
+    """peft.disabled: the adapted layers run the plain token attention (no gated prompt branch)."""
+    return core.forwards_replaced([(a, types.MethodType(Attention.forward, a)) for a in _adapted(model)])
+
+
+def _adapted(model) -> list:
+    return [layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, AdaptedAttention)]
 
 
 def remove(model):

@@ -100,6 +100,12 @@ def apply(model: nn.Module, cfg: MamConfig) -> nn.Module:
     return wrapper
 
 
+def disabled(model):
+    """peft.disabled: the base alone, no prefix (the wrapper calls its base) and no parallel adapters."""
+    return core.forwards_replaced([(model, model.base_forward)] +
+                                  [(m, m.mlp) for m in model.modules() if isinstance(m, ParallelAdapterMLP)])
+
+
 def export_state(model) -> dict:
     return {**prompt.export_state(model), **core.export_state(model.base)}
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .core import build_config
 from .prompt import Table, VirtualTokenWrapper, check_positive
-from .prompt import export_state, import_state, load_extra, save_extra  # noqa: F401  (same PEFT format)
+from .prompt import disabled, export_state, import_state, load_extra, save_extra  # noqa: F401  (same as prompt's)
 
 
 @dataclass

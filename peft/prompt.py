@@ -23,7 +23,7 @@ from model import checks
 from model.io import read_safetensors, stored_shapes
 from model.weights import meta_device
 
-from .core import build_config
+from .core import build_config, forwards_replaced
 
 ENCODER_FILE = "prompt_encoder.safetensors"
 
@@ -158,6 +158,11 @@ class VirtualTokenWrapper(nn.Module):
     device = property(lambda self: self.base.device)
     dtype = property(lambda self: self.base.dtype)
 
+    def base_forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, hidden_only=False, **_):
+        """The frozen base alone on the real tokens (peft.disabled): no virtual tokens, no prefix."""
+        return self.base(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         hidden_only=hidden_only)
+
     @property
     def gradient_checkpointing(self):
         return self.base.gradient_checkpointing
@@ -249,6 +254,11 @@ def apply(model, cfg):
     else:
         encoder = Table(_init_prompt(model, cfg))
     return PromptWrapper(model, encoder.to(model.device), cfg)
+
+
+def disabled(model):
+    """peft.disabled: the wrapper calls its base alone (prompt tuning, P-tuning; prefix tuning too)."""
+    return forwards_replaced([(model, model.base_forward)])
 
 
 def export_state(model) -> dict:

@@ -132,6 +132,12 @@ def apply(model: nn.Module, cfg: UniPeltConfig) -> nn.Module:
     return wrapper
 
 
+def disabled(model):
+    """peft.disabled: the base alone: no prefix, every gated LoRA / adapter layer runs its frozen linear."""
+    return core.forwards_replaced([(model, model.base_forward)] +
+                                  [(m, m.base_forward) for m in model.modules() if isinstance(m, core.LinearWrapper)])
+
+
 def export_state(model) -> dict:
     return {**mam.export_state(model), "prefix_gate": model.prefix_gate.detach().contiguous()}
 

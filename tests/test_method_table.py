@@ -70,11 +70,11 @@ def test_toy_method_toml_table(setup, registered, tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('method = "toy_scale"\n[toy_scale]\ninit = 0.5\ntargets = ["q_proj"]\n')
     cfg = train.parse_args(["--model", setup["model"], "--data", setup["data"], "--config", str(f)])
-    pcfg = train.method_config(cfg)
+    pcfg = peft.method_config(cfg.method, cfg.method_args, cfg.model)
     assert isinstance(pcfg, toy_method.ToyScaleConfig) and (pcfg.init, pcfg.targets) == (0.5, ["q_proj"])
     cfg = train.parse_args(["--model", setup["model"], "--data", setup["data"], "--config", str(f),
                             "--toy-init", "2"])  # a flag wins over the file, as for train.py's own keys
-    assert train.method_config(cfg).init == 2.0
+    assert peft.method_config(cfg.method, cfg.method_args, cfg.model).init == 2.0
     f.write_text('method = "toy_scale"\n[toy_scale]\nrank = 3\n')
     with pytest.raises(SystemExit, match=r"run.toml: \[toy_scale\]: unknown key 'rank'"):
         train.parse_args(["--model", setup["model"], "--data", setup["data"], "--config", str(f)])

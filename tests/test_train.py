@@ -189,8 +189,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, monkeypatch):
 
     def poisoned(*a, **k):
         calls.append(1)
-        s = orig(*a, **k)
-        return s * float("nan") if len(calls) > 3 else s
+        s, logs = orig(*a, **k)
+        return (s * float("nan") if len(calls) > 3 else s), logs
     monkeypatch.setattr(train, "loss_sum", poisoned)
     with pytest.raises(SystemExit) as e:
         train.main(args(setup, d / "nan", "--max-steps", "6", "--save-every", "2"))
