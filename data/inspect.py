@@ -1,6 +1,7 @@
 """Show what the model will be trained on: rendered examples with the trained tokens marked, and statistics.
 
     python -m data.inspect --model DIR|FILE.gguf --data FILE[,FILE...] [-n 3] [--seq-len 2048] [--template NAME]
+        [--quiet]
 
 Trained tokens are printed between ⟦ and ⟧ (and in green on a terminal); everything else gets label -100.
 """
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 
 from model import load_tokenizer
+from model.progress import quiet
 
 from .batches import load_examples
 from .records import DataError
@@ -39,7 +41,9 @@ def main(argv=None):
     ap.add_argument("--template", default=None)
     ap.add_argument("--train-on-prompt", action="store_true")
     ap.add_argument("--skip-bad-records", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines while tokenising")
     a = ap.parse_args(argv)
+    quiet(a.quiet)
     try:
         tok = load_tokenizer(a.model)
         exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, a.skip_bad_records)

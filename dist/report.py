@@ -174,10 +174,10 @@ def smooth(xs: list[float]) -> list[float]:
     return out
 
 
-def plot(out: Path) -> Path | None:
+def plot(out: Path):
     """loss.png: train loss (raw and smoothed) and eval loss against the step, the learning rate on a second axis,
-    and a panel for each extra metric. Agg, no pyplot (no global state); written atomically. None (and a warning)
-    without matplotlib."""
+    and a panel for each extra metric. Agg, no pyplot (no global state); written atomically. Returns the matplotlib
+    Figure, or None (and a warning) without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -226,7 +226,7 @@ def plot(out: Path) -> Path | None:
     with atomic_file(out / "loss.png") as tmp:
         fig.savefig(tmp, format="png")
     last_drawn[Path(out).resolve()] = time.monotonic()
-    return out / "loss.png"
+    return fig
 
 
 def plot_soon(out: Path):

@@ -27,10 +27,11 @@ def quiet(on: bool = True):
     _quiet = bool(on)
 
 
-def progress(iterable=None, desc: str = "", total=None, unit: str = "it", delay: float = DELAY, initial: int = 0,
-             leave: bool = True):
+def progress(iterable=None, desc: str = "", total=None, unit: str = "it", delay: float | None = None,
+             initial: int = 0, leave: bool = True):
     """A tqdm-like bar over `iterable` (iterate it, or call update(n)); set_postfix(**kw) adds fields. leave=False:
     a terminal bar disappears when done (one nested in another); plain lines always end with a last one."""
+    delay = DELAY if delay is None else delay
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     if _quiet:
@@ -81,7 +82,8 @@ class Lines:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = f", eta {_hms((self.total - self.n) / rate)}" if self.total and rate > 0 and self.n < self.total else ""
-        print(f"{self.desc}: {done} {self.unit}{pct}, {rate:.3g} {self.unit}/s, {_hms(dt)} elapsed{eta}"
+        r = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+        print(f"{self.desc}: {done} {self.unit}{pct}, {r} {self.unit}/s, {_hms(dt)} elapsed{eta}"
               + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
         self.printed, self.printed_n, self.next = True, self.n, now + INTERVAL
 
