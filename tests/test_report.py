@@ -183,6 +183,10 @@ def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet(setup, mo
     monkeypatch.setattr(progress, "DELAY", 0.0)  # data.inspect on a big file: a line per record read here
     inspect.main(["--model", setup["model"], "--data", setup["data"], "-n", "0"])
     assert "tokenising: 24 rec, " in capsys.readouterr().err
+    from tests.test_hostile_inputs import write_gguf  # a tiny llama GGUF, as llama.cpp writes one
+    f = write_gguf(setup["dir"] / "tiny.gguf", M.load_pretrained(setup["model"]))
+    n = len(M.gguf.gguf_weights(f)[1])
+    assert f"converting tiny.gguf: {n}/{n} tensor (100%)" in capsys.readouterr().err
     try:
         inspect.main(["--model", setup["model"], "--data", setup["data"], "-n", "0", "--quiet"])
         list(progress.progress(range(3), "q", delay=0))
