@@ -306,7 +306,8 @@ def write_report(out: Path) -> Path:
         rows += [("trained tokens", f"{sum(r['trained_tokens'] for r in steps):,} (sum over the {len(steps)} logged "
                   "steps)"),
                  ("throughput", f"{g(tps)} tokens/s (median over the logged steps; {info.get('world', '?')} "
-                  f"process(es), {info.get('device', '?')}, {info.get('precision', '?')})")]
+                  f"process{'es' * (info.get('world') != 1)}, {info.get('device', '?')}, "
+                  f"{info.get('precision', '?')})")]
         peak, fpt = info.get("gemm_peak_flops"), info.get("flops_per_token")
         rows += [("MFU", f"{g(100 * tps * fpt / peak)}% ({g(fpt / 1e9)} GFLOP/token × {g(tps)} tokens/s of a "
                   f"{g(peak / 1e12)} TFLOP/s GEMM peak)" if peak and fpt else
