@@ -21,6 +21,7 @@ train: deps
 	$(PY) train.py --config data/default/run.toml
 	$(PY) generate.py --adapter runs/default/adapter --prompts data/default/heldout.jsonl --compare-base \
 		--greedy --max-new-tokens 40 > runs/default/before_after.txt && cat runs/default/before_after.txt
+	$(PY) -m dist.report runs/default  # report.md again, now with before_after.txt in it
 
 test: dev-deps
 	$(PY) -m pytest -q

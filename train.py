@@ -32,9 +32,10 @@ import model as M
 import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints, file_hash,
-                      plot_loss, remove_partial, resume, same_on_all_ranks, save_checkpoint)
+                      remove_partial, resume, same_on_all_ranks, save_checkpoint)
 from model import preference
 from model.ops import ChunkedCE, native_half_gemm
+from model.progress import progress, quiet, stage, write
 from model.sampling import generate
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
     template: str = ""                    # built-in chat template (chatml, llama3, llama2, alpaca); "": the model's
     skip_bad_records: bool = False
     log_every: int = 1
+    quiet: bool = False                   # no progress bars / rate lines (tokenising, training, eval, saving)
     # ZeRO (Rajbhandari et al. 2020) and ZeRO-Offload (Ren et al. 2021), dist/
     zero: int = 0                         # 0: plain data parallel (all-reduce); 1 | 2 | 3: ZeRO stage
     offload: bool = False                 # ZeRO: fp32 master weights, gradients shard, AdamW state + step on CPU
@@ -301,7 +303,7 @@ def evaluate(model, examples, cfg: TrainConfig, device, pad_id, reference=None) 
     """Token-weighted mean loss over the whole eval set (preference stages: the mean pair / example loss)."""
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
+    for i in progress(range(0, len(examples), cfg.batch_size), "eval", unit="batch", leave=False):
         b = data.collate(examples[i:i + cfg.batch_size], pad_id)
         with autocast(cfg, device):
             total += float(loss_sum(model, b, device, cfg, reference)[0])
@@ -314,11 +316,12 @@ def sample_answers(model, tok, prompts, cfg: TrainConfig, device, max_new: int =
     """Greedy answers (KV cache, model/sampling.py) to prompt token ids."""
     model.eval()
     with autocast(cfg, device):
-        out = [tok.decode(generate(model, p, max_new, tok.stop_ids)).strip() for p in prompts]
+        out = [tok.decode(generate(model, p, max_new, tok.stop_ids)).strip() for p in progress(prompts, "samples")]
     model.train()
     return out
 
 
+@stage("saving the result (and merging, with --merge)")
 def save_final(out: Path, model, cfg: TrainConfig, tok):
     """model/ (full fine-tuning) or adapter/ (PEFT format), and model/ merged with --merge where it can."""
     if cfg.method == "full":
@@ -347,7 +350,7 @@ def trajectory(cfg: TrainConfig, world: int, model) -> dict:
     logging and saving cadence, nor how the same update is computed (micro-batches x ranks of one global batch,
     ZeRO, recomputation)."""
     skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "save_every", "keep", "resume",
-            "resume_override", "merge", "log_every", "config", "collective_timeout", "method_args",
+            "resume_override", "merge", "log_every", "quiet", "config", "collective_timeout", "method_args",
             "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
     d = {k: v for k, v in asdict(cfg).items() if k not in skip}
     d["data"] = [f"{p} ({os.path.getsize(p)} bytes, blake2b {file_hash(Path(p))})" for p in cfg.data.split(",")]
@@ -362,6 +365,7 @@ def main(argv=None):
     # others fail instead of hanging; torchrun sets OMP_NUM_THREADS=1, so the cores are shared out explicitly
     env = init_distributed(timeout_s=cfg.collective_timeout)
     world, rank, device = env.world_size, env.rank, env.device
+    quiet(cfg.quiet or rank != 0)  # progress bars: rank 0 only
     out = Path(cfg.out)
     try:
         if not cfg.model:  # the embedded SmolLM2-135M-Instruct, converted to an HF dir once
@@ -414,12 +418,12 @@ def main(argv=None):
               f"{n_all:,} || trainable%: {100 * n_train / n_all:.4f} | steps {start}->{total} | world {world}"
               + (f" | resumed from {out / 'checkpoints' / f'step-{start}'}" if start else ""), flush=True)
     log = Logger(out, start, rank == 0)
+    log.begin(cfg, stats, model, world, train_ex, eval_ex, tok, start, total)  # run.json: data, model, segment
     # ZeRO-3 gathers each block's weights from all ranks in forward: eval and samples then run on every rank
     evaluator = rank == 0 or cfg.zero == 3
     stop = StopSignal()  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit 128 + signal
 
-    from tqdm import tqdm
-    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True)
+    bar = progress(range(start, total), "train", initial=start, total=total, unit="step", delay=0)
     seen = 0
     for step in bar:
         t0 = time.perf_counter()
@@ -431,7 +435,7 @@ def main(argv=None):
         why = m.get("why") or (None if optimizer.finite() else "the update made weights non-finite (nan/inf)")
         if why:  # nothing of this step is saved: the last checkpoint passed the same checks
             last = complete_checkpoints(out)
-            log.close()
+            log.close(f"stopped at step {step + 1}: {why}")  # loss.png, report.md
             stop.restore()
             sys.exit(f"error: step {step + 1}: {why}; stopped without saving this step. Last good checkpoint: "
                      + (str(out / "checkpoints" / f"step-{last[-1]}") if last else "none")
@@ -449,14 +453,14 @@ def main(argv=None):
             samples = sample_answers(model, tok, stats["prompts"], cfg, device)
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})
             if rank == 0:
-                tqdm.write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
+                write(f"step {step + 1}: eval loss {ev:.4f} ppl {math.exp(min(ev, 50)):.2f}")
                 for p, s in zip(stats["prompts"], samples):
-                    tqdm.write(f"  Q: {tok.decode(p).strip()[-80:]!r}\n  A: {s[:200]!r}")
+                    write(f"  Q: {tok.decode(p).strip()[-80:]!r}\n  A: {s[:200]!r}")
         stopping = all_sum(bool(stop.signum), device) > 0  # every rank stops at the same step
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stopping and step + 1 < total):
             save_checkpoint(out, step + 1, optimizer, scheduler, cfg.keep, rank, config=traj)
         if stopping and step + 1 < total:
-            log.close()
+            log.close(f"stopped by signal {stop.signum or 'on another rank'} after step {step + 1} (checkpoint saved)")
             if rank == 0:
                 print(f"stopped by signal {stop.signum or 'on another rank'} after step {step + 1}: checkpoint "
                       f"{out / 'checkpoints' / f'step-{step + 1}'} saved; continue with --resume", file=sys.stderr)
@@ -464,12 +468,11 @@ def main(argv=None):
         if world > 1:
             torch.distributed.barrier()
     stop.restore()
-    log.close()
     # ZeRO-3: every rank enters (the gather is a collective) so that rank 0 saves whole weights; else a no-op
     with optimizer.gathered():
         if rank == 0:
             where = save_final(out, model, cfg, tok)
-            plot_loss(out)
+            log.close("finished")  # loss.png, report.md
             print(f"saved {where}", flush=True)
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+from model.progress import progress
+
 from .encode import Example, encode_record
 from .pairs import Labelled, Pair, load_preference, n_prompt
 from .records import DataError, read_records
@@ -20,7 +22,7 @@ def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False
     """Read, validate and tokenise every record. Returns (examples, stats)."""
     stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0}
     examples = []
-    for where, kind, payload in read_records(paths, skip_bad, stats):
+    for where, kind, payload in progress(read_records(paths, skip_bad, stats), "tokenising", unit="rec"):
         stats["records"] += 1
         try:
             exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt)
@@ -47,7 +49,7 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
             rows.append(Example(np.concatenate([e.ids for e in cur]),
                                 np.concatenate([np.r_[False, e.train[1:]] for e in cur]),
                                 seg=np.concatenate([np.full(len(e.ids), i, np.int32) for i, e in enumerate(cur)])))
-    for e in examples:
+    for e in progress(examples, "packing", unit="ex"):
         if sum(len(c.ids) for c in cur) + len(e.ids) > seq_len:
             flush()
             cur = []

@@ -1,7 +1,8 @@
 """Show what the model will be trained on: rendered examples with the trained tokens marked, and statistics.
 
     python -m data.inspect --model DIR|FILE.gguf --data FILE[,FILE...] [-n 3] [--seq-len 2048] [--template NAME]
-                           [--stage sft|dpo|kto]   (dpo: each pair's chosen and rejected rows; kto: with its label)
+                           [--stage sft|dpo|kto] [--quiet]
+(--stage dpo: each pair's chosen and rejected rows; kto: each completion with its label)
 
 Trained tokens are printed between ⟦ and ⟧ (and in green on a terminal); everything else gets label -100.
 """
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 
 from model import load_tokenizer
+from model.progress import quiet
 
 from .batches import load_examples
 from .pairs import load_preference
@@ -42,7 +44,9 @@ def main(argv=None):
     ap.add_argument("--train-on-prompt", action="store_true")
     ap.add_argument("--skip-bad-records", action="store_true")
     ap.add_argument("--stage", default="sft", choices=("sft", "dpo", "kto"))
+    ap.add_argument("--quiet", action="store_true", help="no progress lines while tokenising")
     a = ap.parse_args(argv)
+    quiet(a.quiet)
     if a.stage != "sft":
         return inspect_preference(a)
     try:

@@ -148,5 +148,7 @@ def load_preference(tok, paths, stage: str, seq_len: int, template=None, skip_ba
             stats["prompt_truncated"] += 1  # the completion starts past --seq-len: nothing to compare
             continue
         items.append(Pair(*exs) if want == "pair" else Labelled(exs[0], r[3]))
-    stats["examples"] = len(items)
+    rows = [e for it in items for e in ((it.chosen, it.rejected) if want == "pair" else (it.example,))]
+    stats.update(examples=len(items), tokens=int(sum(len(e.ids) for e in rows)),
+                 trained_tokens=int(sum(e.train[1:].sum() for e in rows)))
     return items, stats

@@ -1,6 +1,6 @@
 """A training run's state in its output directory, across processes and restarts: the checkpoints
 (`<out>/checkpoints/step-N/`, each complete or absent, the last K kept; every rank takes part) and the metrics
-log `metrics.jsonl` with its loss plot (rank 0).
+log `metrics.jsonl` with what is drawn from it, loss.png and report.md (rank 0, dist/report.py).
 
 A checkpoint holds what makes `--resume` continue bit-identically: the trainable weights and optimizer state
 (written by the optimizer itself: AllReduceAdamW's trainable.safetensors + AdamW state, or ZeroOptimizer's
@@ -23,12 +23,16 @@ import random
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from model.atomic import atomic_dir
+from model.progress import stage
+
+from . import report
 
 
 def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank: int = 0, config: dict | None = None):
@@ -44,7 +48,8 @@ def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank:
         dist.all_gather_object(every, rng)
     # only rank 0 creates and renames the directory; the others pass the same path to the optimizer's collective
     try:
-        with atomic_dir(final, tmp=tmp) if rank == 0 else contextlib.nullcontext(tmp) as tmp:
+        with stage(f"saving {final}"), \
+                atomic_dir(final, tmp=tmp) if rank == 0 else contextlib.nullcontext(tmp) as tmp:
             state = optimizer.save(tmp, rank)
             if rank == 0:
                 torch.save({**state, "scheduler": scheduler.state_dict(), **rng, "rank_rng": every},
@@ -63,6 +68,8 @@ def save_checkpoint(out: Path, step: int, optimizer, scheduler, keep: int, rank:
     if rank == 0:
         for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(root / f"step-{old}")
+        if (out / "metrics.jsonl").is_file():
+            report.plot_soon(out)  # loss.png up to this step
 
 
 def complete_checkpoints(out: Path) -> list[int]:
@@ -269,22 +276,32 @@ class StopSignal:
 
 
 class Logger:
-    """metrics.jsonl (+ TensorBoard if installed) and loss.png (if matplotlib is), rank 0 only."""
+    """metrics.jsonl (+ TensorBoard if installed), run.json, loss.png and report.md (dist/report.py), rank 0 only.
+    loss.png is redrawn at each eval and checkpoint (report.plot_soon: at most every REDRAW_S seconds);
+    `close(status)` ends the run's segment in run.json and writes both, also when a signal or a non-finite value
+    stops the run."""
 
     def __init__(self, out: Path, resume_step: int, on: bool):
-        self.on, self.f, self.tb = on, None, None
+        self.on, self.out, self.f, self.tb, self.t0 = on, out, None, None, time.perf_counter()
         if not on:
             return
+        report.last_drawn[out.resolve()] = time.monotonic()  # the first redraw REDRAW_S seconds in
         path = out / "metrics.jsonl"
-        old = path.read_text().splitlines() if resume_step and path.exists() else []
-        keep = [l for l in old if json.loads(l).get("step", 0) <= resume_step]  # drop steps redone after resume
+        old = report.read_metrics(out) if resume_step else []
+        keep = [r for r in old if r.get("step", 0) <= resume_step]  # drop steps redone after resume
         self.f = open(path, "w")
-        self.f.write("".join(l + "\n" for l in keep))
-        try:
+        self.f.write("".join(json.dumps(r) + "\n" for r in keep))
+        try:  # optional: pip install tensorboard, then tensorboard --logdir <out>/tensorboard
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
             pass
+
+    def begin(self, cfg, stats: dict, model, world: int, train_ex, eval_ex, tok, start: int, total: int):
+        """run.json: what this run knows once (report.run_info) and a new segment from step `start`."""
+        if self.on:
+            report.begin(self.out, report.run_info(cfg, stats, model, world, len(train_ex), len(eval_ex), tok),
+                         start, total)
 
     def log(self, rec: dict):
         if not self.on:
@@ -294,27 +311,18 @@ class Logger:
         for k, v in rec.items() if self.tb else ():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, rec["step"])
+        if "eval_loss" in rec:
+            report.plot_soon(self.out)
 
-    def close(self):
+    def close(self, status: str = ""):
+        """Close the files; with `status` (how the run ended) also end run.json's segment and draw loss.png and
+        report.md."""
         if self.f:
             self.f.close()
+            self.f = None
         if self.tb:
             self.tb.close()
-
-
-def plot_loss(out: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-    plt.figure(figsize=(6, 4))
-    plt.plot(*zip(*tr), label="train")
-    if ev:
-        plt.plot(*zip(*ev), "o-", label="eval")
-    plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
-    plt.savefig(out / "loss.png")
+            self.tb = None
+        if self.on and status:
+            report.end(self.out, status, time.perf_counter() - self.t0)
+            report.redraw(self.out)

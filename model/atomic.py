@@ -57,3 +57,20 @@ def atomic_dir(path, tmp=None):
     else:
         os.rename(tmp, path)
     fsync(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary file name beside `path` (`.<name>.tmp`); when the block ends without an exception the file
+    is fsynced and renamed over `path`, so a reader (or a crash) sees the old file or the new one, never a torn
+    one (e.g. a half-drawn loss.png). On an exception the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(path.parent)

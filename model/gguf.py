@@ -25,6 +25,7 @@ import torch
 
 from . import checks
 from .atomic import atomic_dir
+from .progress import progress
 from .model import ModelConfig, Transformer
 from .weights import (CheckpointError, check_layers, check_shapes, first_line, from_state_dict, meta_model,
                       write_weights)
@@ -136,7 +137,7 @@ def gguf_weights(path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, 
     shapes = {name: tuple(int(s) for s in reversed(t.shape.tolist())) for name, t in tensors.items()}
     check_shapes(meta_model(cfg), {names[n]: shape for n, shape in shapes.items()}, path, "the GGUF metadata")
     sd = {}
-    for name, t in tensors.items():
+    for name, t in progress(tensors.items(), f"converting {Path(path).name}", unit="tensor"):
         try:
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 arr = np.asarray(t.data, dtype=np.float32)
