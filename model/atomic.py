@@ -1,5 +1,6 @@
 """Write a directory so that it is either complete or absent, never half-written: every writer of nanotune
-(model directories, adapters, training checkpoints, GGUF conversions) goes through `atomic_dir`.
+(model directories, adapters, training checkpoints, GGUF conversions) goes through `atomic_dir` (one file,
+a GGUF export: `atomic_file`).
 
     with atomic_dir("out/adapter") as tmp:      # tmp = out/adapter.tmp, empty
         (tmp / "adapter_config.json").write_text(...)
@@ -56,4 +57,21 @@ def atomic_dir(path, tmp=None):
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
+    fsync(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Like atomic_dir for one file: yield a temporary path beside `path` (`<path>.tmp`); when the block ends
+    without an exception it is fsynced and renamed over `path`. On an exception it is removed, `path` untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(tmp)
+    os.replace(tmp, path)
     fsync(path.parent)
