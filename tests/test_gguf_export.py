@@ -256,3 +256,47 @@ def test_cli_writes_q4_0(ref, tmp_path):
                         "--type", "q4_0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.gguf").read_bytes() == ref["files"]["q4_0"].read_bytes()
+
+
+@pytest.mark.slow
+def test_smollm2_lora_export_answers_like_nanotune(tmp_path):
+    """SmolLM2-135M-Instruct + a LoRA adapter (the default run's settings, r=16 on every linear; random weights
+    standing in for a fine-tune), exported f32: transformers' GGUF loader answers the held-out questions with
+    nanotune's greedy tokens (prompt ids from the file's tokenizer equal ours too)."""
+    from data import read_records
+    from model.gguf import default_model
+    from model.sampling import generate
+    base = default_model()
+    tok = M.load_tokenizer(base)
+    m = peft.apply(M.load_pretrained(base), peft.LoraConfig(r=16, alpha=32, targets="all-linear"))
+    randomize(m, seed=1)
+    with torch.no_grad():  # a gentle update: the answers change, but stay text
+        for n, p in peft.core.adapter_parameters(m).items():
+            p.mul_(0.3)
+    peft.save_adapter(m, tmp_path / "lora", base_model_path=str(base))
+    chats = [c[:1] for _, kind, c in read_records([REPO / "data/default/heldout.jsonl"]) if kind == "chat"][:2]
+    prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True), add_special_tokens=False)
+               for c in chats]
+    ours = [generate(m, p, 16, tok.stop_ids) for p in prompts]
+    f = export(base, tmp_path / "smol.gguf", "f32", adapter=tmp_path / "lora")
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    r = run_reference(f"""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        f, texts, stop = {str(f)!r}, {texts!r}, {sorted(tok.stop_ids)!r}
+        t = AutoTokenizer.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f))
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(f), gguf_file=os.path.basename(f),
+                                                 dtype=torch.float32).eval()
+        out = {{}}
+        for i, x in enumerate(texts):
+            ids = torch.tensor([t.encode(x, add_special_tokens=False)])
+            g = m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+            out[f"prompt{{i}}"], out[f"answer{{i}}"] = ids[0], g[0, ids.shape[1]:]
+        save_file(out, "out.safetensors")
+    """, tmp_path / "ref")
+    plain = M.load_pretrained(base)
+    for i, p in enumerate(prompts):
+        assert r[f"prompt{i}"].tolist() == p
+        answer = [t for t in r[f"answer{i}"].tolist() if t not in tok.stop_ids]
+        assert answer == ours[i], (tok.decode(answer), tok.decode(ours[i]))
+        print(f"Q: {chats[i][0]['content']}\n  A: {tok.decode(ours[i])}")
+    assert any(generate(plain, p, 16, tok.stop_ids) != o for p, o in zip(prompts, ours))  # the adapter matters
