@@ -6,10 +6,11 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (both streaming with "stream": true, as server-sent
 events, or not), GET /v1/models, GET / (web/chat.html). Request fields: model, messages / prompt, temperature,
-top_p, max_tokens (or max_completion_tokens), stop, seed, stream. The request's `model` picks the bare base (its
-directory name, or "base") or one `--adapter NAME=DIR`. Every adapter is built once at start over the SAME base
-tensors (its own module tree whose 2-D weights are the base's Parameters: no copy, no reload), so switching is
-picking a tree. Adapters are never merged here: that would write into the shared weights.
+top_p, max_tokens (or max_completion_tokens), stop, seed, stream, stream_options.include_usage. The request's
+`model` picks the bare base (its directory name, or "base") or one `--adapter NAME=DIR`. Every adapter is built
+once at start over the SAME base tensors (its own module tree whose 2-D weights are the base's Parameters: no
+copy, no reload), so switching is picking a tree. Adapters are never merged here: that would write into the
+shared weights.
 
 Requests are queued and answered one at a time by a single generation thread, so they are never mixed, and
 each is exactly what `generate.py` prints for it (the same model.sampling.generate, the same chat template); a
@@ -245,17 +246,23 @@ def build_app(state):
             msg = {"content": text} if delta else {"role": "assistant", "content": text}
             return {"index": 0, ("delta" if delta else "message"): msg, "finish_reason": finish}
 
+        def usage(n):
+            return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+
         if body.get("stream"):
             async def sse():
                 obj = {**head, "object": "chat.completion.chunk"} if chat else head
                 if chat:
-                    yield f"data: {json.dumps({**obj, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+                    first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                    yield f"data: {json.dumps({**obj, 'choices': [first]})}\n\n"
                 try:
                     async for e in events(request, job):
                         c = choice(e[1], None, True) if e[0] == "delta" else choice("", e[1], True)
                         if e[0] == "done" and chat:
                             c["delta"] = {}
                         yield f"data: {json.dumps({**obj, 'choices': [c]})}\n\n"
+                        if e[0] == "done" and (body.get("stream_options") or {}).get("include_usage"):
+                            yield f"data: {json.dumps({**obj, 'choices': [], 'usage': usage(e[2])})}\n\n"
                 except ApiError as e:
                     yield f"data: {json.dumps(e.body())}\n\n"
                 yield "data: [DONE]\n\n"
@@ -266,8 +273,7 @@ def build_app(state):
                 parts.append(e[1])
             else:
                 finish, n = e[1], e[2]
-        usage = {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
-        return {**head, "choices": [choice("".join(parts), finish)], "usage": usage}
+        return {**head, "choices": [choice("".join(parts), finish)], "usage": usage(n)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -53,7 +53,7 @@ def ref(tmp_path_factory):
     base = make_model(tmp / "llama", seed=3, vocab_size=320)
     out["n_tokens"] = make_bpe_tokenizer(base)
     for arch, over in (("qwen2", {"model_type": "qwen2", "tie_word_embeddings": True}),
-                       ("qwen3", {"model_type": "qwen3", "head_dim": 128})):  # transformers reads no head_dim for qwen3: 128, its default
+                       ("qwen3", {"model_type": "qwen3", "head_dim": 128})):  # transformers' qwen3 GGUF: 128
         d = make_model(tmp / arch, seed=4, vocab_size=320, **over)
         make_bpe_tokenizer(d)
         if arch == "qwen2":  # random biases: they must be written
