@@ -340,6 +340,9 @@ def main(argv=None):
         state = load_state(args)
     except (CheckpointError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
     threading.Thread(target=worker, args=(state["jobs"], state["tok"], state["tok"].stop_ids), daemon=True).start()
     print(f"serving {', '.join(n for n in state['models'] if n != 'base')} on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)

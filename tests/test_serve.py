@@ -129,6 +129,10 @@ def test_completions_and_sampling_equal_generate_py(server, capsys):
     stream = server["client"].completions.create(model="lora", prompt="Once upon", max_tokens=N, temperature=0,
                                                  stream=True)
     assert "".join(c.choices[0].text for c in stream) == r.choices[0].text
+    chunks = list(server["client"].chat.completions.create(
+        model="lora", messages=[{"role": "user", "content": "Once upon"}], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     sampled = chat(server, "ia3", PROMPTS[2], temperature=0.9, top_p=0.8, seed=5)[0]
     assert sampled == chat(server, "ia3", PROMPTS[2], stream=True, temperature=0.9, top_p=0.8, seed=5)[0]
     assert sampled == generate_py(capsys, "--model", server["base"], "--adapter", server["adapters"]["ia3"],
