@@ -90,6 +90,9 @@ def run_job(job: Job, tok, stop_ids):
     """Generate for one job, sending ("delta", text) events and a final ("done", finish_reason, n_tokens)."""
     from model.sampling import generate
     sent, out, finish = "", [], "length"
+    if job.cancelled.is_set():  # its client left while it waited in the queue: not even the prompt is run
+        job.send("done", "cancelled", 0)
+        return "cancelled", 0
 
     def on_token(ids):
         nonlocal sent, finish

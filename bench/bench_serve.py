@@ -5,7 +5,7 @@ vs the source safetensors, with each type's logit error against fp32. One run; p
 
     python bench/bench_serve.py [--tokens 48] [--threads 2]
 
-Prefill = prompt in, first token out (time to first token); decode = the other tokens / their time. The server
+Prefill = chat-templated prompt in, first token out (time to first token); decode = the other tokens / their time. The server
 runs in its own process (one generation thread); transformers in this one (it needs no HF peft).
 """
 import argparse
@@ -29,7 +29,7 @@ from model.gguf import default_model  # noqa: E402
 from model.gguf_export import TYPES, export  # noqa: E402
 from model.sampling import generate  # noqa: E402
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+PROMPTS = ["Describe a cat in two sentences.", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
            "Give me three tips for learning to code."]
 
 
@@ -38,17 +38,17 @@ def rates(t0, stamps, n) -> tuple[float, float]:
     return stamps[0] - t0, (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
 
 
-def ours(model, prompts, n):
+def ours(model, prompts, n, stop_ids):
     out = []
     for ids in prompts:
         stamps = []
         t0 = time.perf_counter()
-        toks = generate(model, ids, n, (), on_token=lambda _: stamps.append(time.perf_counter()))
+        toks = generate(model, ids, n, stop_ids, on_token=lambda _: stamps.append(time.perf_counter()))
         out.append((*rates(t0, stamps, len(toks)), len(ids), toks))
     return out
 
 
-def theirs(model_dir, prompts, n):
+def theirs(model_dir, prompts, n, stop_ids):
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -66,9 +66,9 @@ def theirs(model_dir, prompts, n):
     for ids in prompts:
         s = Stamps()
         t0 = time.perf_counter()
-        g = m.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=s,
-                       pad_token_id=0)
-        toks = g[0, len(ids):].tolist()
+        g = m.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, streamer=s,
+                       eos_token_id=sorted(stop_ids), pad_token_id=0)
+        toks = [t for t in g[0, len(ids):].tolist() if t not in stop_ids]
         out.append((*rates(t0, s.t[1:], len(toks)), len(ids), toks))
     return out
 
@@ -91,20 +91,20 @@ def start_server(model_dir, threads):
 
 
 def served(url, name, text, n):
-    """(prefill s, decode tok/s, completion tokens) of one streamed /v1/completions request."""
+    """(prefill s, decode tok/s, completion tokens, latency s) of one streamed /v1/chat/completions request."""
     import httpx
-    body = {"model": name, "prompt": text, "max_tokens": n, "temperature": 0, "stream": True,
+    body = {"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     stamps, used = [], 0
     t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             ev = json.loads(line[6:])
             if ev.get("usage"):
                 used = ev["usage"]["completion_tokens"]
-            elif ev["choices"][0]["text"]:
+            elif ev["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
     return (*rates(t0, stamps, used), used, time.perf_counter() - t0)
 
@@ -117,11 +117,13 @@ def main():
     torch.set_num_threads(a.threads)
     src = default_model()
     tok = M.load_tokenizer(src)
-    # raw prompts (as /v1/completions encodes them): the same ids on every side, no stop token
-    prompts = [tok.encode(p) for p in PROMPTS]
+    # the chat template's prompts (as the server renders them): the same ids and stop tokens on every side
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], True), add_special_tokens=False)
+               for p in PROMPTS]
     model = M.load_pretrained(src)
-    rows = {"generate.py (model.sampling.generate)": ours(model, prompts, a.tokens),
-            "transformers generate": theirs(src, prompts, a.tokens)}
+    rows = {"generate.py (model.sampling.generate)": ours(model, prompts, a.tokens, tok.stop_ids),
+            "transformers generate": theirs(src, prompts, a.tokens, tok.stop_ids)}
+    print("ours vs transformers done", file=sys.stderr, flush=True)
     proc, url = start_server(src, a.threads)
     try:
         name = src.name
