@@ -62,6 +62,7 @@ def theirs(model_dir, prompts, n, stop_ids):
 
         def end(self):
             pass
+    m.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     out = []
     for ids in prompts:
         s = Stamps()
@@ -121,6 +122,7 @@ def main():
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], True), add_special_tokens=False)
                for p in PROMPTS]
     model = M.load_pretrained(src)
+    ours(model, prompts[:1], 4, tok.stop_ids)  # warm-up (allocator, kernels), as the server's below
     rows = {"generate.py (model.sampling.generate)": ours(model, prompts, a.tokens, tok.stop_ids),
             "transformers generate": theirs(src, prompts, a.tokens, tok.stop_ids)}
     print("ours vs transformers done", file=sys.stderr, flush=True)
