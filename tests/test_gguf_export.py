@@ -1,4 +1,4 @@
-"""GGUF export (model/gguf_export.py, quant/ggml.py): our Q8_0/Q4_0 bytes equal the gguf package's reference
+"""GGUF export (export.py, quant/ggml.py): our Q8_0/Q4_0 bytes equal the gguf package's reference
 quantize; every exported type read back by transformers' own GGUF loader (an independent reader) gives our
 logits; our importer round-trips the weights (the q/k permutation is the importer's inverse); the tokenizer
 read from the file (by us and by transformers) gives the original ids; adapters are merged first; what can't be
@@ -13,8 +13,8 @@ import torch
 
 import model as M
 import peft
-from model import gguf_export
-from model.gguf_export import TYPES, export
+import export as gguf_export  # the top-level export.py
+from export import TYPES, export
 from quant import ggml
 from tests.peft_cases import randomize
 from tests.reference import run_reference
@@ -217,7 +217,7 @@ def test_other_adapters_merged(ref, tmp_path, method):
 
 
 def refusal(*args) -> str:
-    """The one-line message `python -m model.gguf export ARGS` exits with (its main, in-process)."""
+    """The one-line message `python export.py ARGS` exits with (its main, in-process)."""
     with pytest.raises(SystemExit) as e:
         gguf_export.main([str(a) for a in args])
     msg = str(e.value.code)
@@ -252,7 +252,7 @@ def test_refusals_are_one_line_and_write_nothing(ref, tmp_path):
 
 
 def test_cli_writes_q4_0(ref, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "model.gguf", "export", str(ref["base"]), str(tmp_path / "m.gguf"),
+    r = subprocess.run([sys.executable, "export.py", str(ref["base"]), str(tmp_path / "m.gguf"),
                         "--type", "q4_0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.gguf").read_bytes() == ref["files"]["q4_0"].read_bytes()

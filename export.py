@@ -1,6 +1,9 @@
 """Write a model (with a LoRA / DoRA / IA3 / QLoRA adapter merged in first) as a GGUF file for llama.cpp / Ollama.
 
-    python -m model.gguf export MODEL_DIR [--adapter DIR [--qlora]] OUT.gguf --type f32|f16|bf16|q8_0|q4_0
+    python export.py MODEL_DIR OUT.gguf --type f32|f16|bf16|q8_0|q4_0 [--adapter DIR [--qlora]]
+
+A top-level script like train.py (it uses model/, peft/ and quant/, so it sits above them; the reverse of
+model/gguf.py's importer).
 
 What llama.cpp's own converter (convert_hf_to_gguf.py) writes, and how:
 - architecture `llama` (also for Mistral, as llama.cpp does: its llama code has no sliding window, so a Mistral
@@ -28,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_file
-from .gguf import DIGIT_SPLIT_PRE, TENSOR_NAMES
-from .weights import CheckpointError
+from model.atomic import atomic_file
+from model.gguf import DIGIT_SPLIT_PRE, TENSOR_NAMES
+from model.weights import CheckpointError
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -166,7 +169,7 @@ def load_merged(model_dir, adapter=None, qlora: bool = False):
     """The plain Transformer to export: the base, or base + adapter merged in fp32 (QLoRA: into the dequantized
     NF4 base it was trained on, quant.qlora.merge_dequantized)."""
     import peft
-    from .io import load_pretrained
+    from model.io import load_pretrained
     if adapter and qlora:
         from quant import qlora as q
         return q.merge_dequantized(q.load_adapter(q.load_nf4(model_dir, quantize=True), adapter), torch.float32)
@@ -183,8 +186,8 @@ def export(model_dir, out, kind: str = "f16", adapter=None, qlora: bool = False)
     """Write MODEL_DIR (+ adapter merged) to the GGUF file `out`; returns its path."""
     from gguf import GGUFWriter, LlamaFileType
 
-    from .io import read_config
-    from .tokenizer import load_tokenizer
+    from model.io import read_config
+    from model.tokenizer import load_tokenizer
     if kind not in TYPES:
         raise CheckpointError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
     model_dir, out = Path(model_dir), Path(out)
@@ -247,9 +250,9 @@ def export(model_dir, out, kind: str = "f16", adapter=None, qlora: bool = False)
     return out
 
 
-def main(argv):
+def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m model.gguf export",
+    ap = argparse.ArgumentParser(prog="python export.py",
                                  description="Write a model (+ merged adapter) as a GGUF file for llama.cpp.")
     ap.add_argument("model", help="HF model directory (or .gguf file)")
     ap.add_argument("out", help="the .gguf file to write (replaced atomically if it exists)")
@@ -262,3 +265,7 @@ def main(argv):
         print(export(a.model, a.out, a.type, a.adapter, a.qlora))
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
