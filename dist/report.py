@@ -272,6 +272,13 @@ def _commands(out: Path, cfg: dict) -> list[str]:
                   f"python -c \"import model as M, peft; m = peft.merge_and_unload(peft.load_adapter("
                   f"M.load_pretrained('{base}'), '{o / 'adapter'}')); M.save_pretrained(m, '{o / 'merged'}'); "
                   f"M.load_tokenizer('{base}').save('{o / 'merged'}')\""]
+    if (o / "model").is_dir() or (o / "adapter").is_dir() and method in ("lora", "dora", "ia3", "qlora"):
+        src = f"{o / 'model'}" if (o / "model").is_dir() else \
+            f"{cfg.get('model', '')} --adapter {o / 'adapter'}" + (" --qlora" if method == "qlora" else "")
+        lines += ["# export for llama.cpp / Ollama (GGUF; adapters merged first), or serve it (OpenAI API + chat page)",
+                  f"python export.py {src} {o / 'model.gguf'} --type q8_0"]
+        lines += [f"python serve.py --model {o / 'model'}" if (o / "model").is_dir() else
+                  f"python serve.py --model {cfg.get('model', '')} --adapter ft={o / 'adapter'}"]
     if not lines:
         lines = ["# nothing final was saved (the run stopped early): continue it with the same command and --resume"]
     return lines

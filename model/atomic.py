@@ -1,5 +1,6 @@
 """Write a directory so that it is either complete or absent, never half-written: every writer of nanotune
-(model directories, adapters, training checkpoints, GGUF conversions) goes through `atomic_dir`.
+(model directories, adapters, training checkpoints, GGUF conversions) goes through `atomic_dir` (one file,
+a GGUF export: `atomic_file`).
 
     with atomic_dir("out/adapter") as tmp:      # tmp = out/adapter.tmp, empty
         (tmp / "adapter_config.json").write_text(...)
@@ -66,6 +67,7 @@ def atomic_file(path):
     one (e.g. a half-drawn loss.png). On an exception the temporary file is removed and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a crash's leftover
     try:
         yield tmp
     except BaseException:
