@@ -10,20 +10,30 @@ import random
 import numpy as np
 import torch
 
+from . import datasets
 from .encode import Example, encode_record
-from .records import DataError, read_records
+from .records import DataError, ReadOptions, read_records
 
 
-def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False):
+PREFERENCE_REFUSED = ("preference data (chosen/rejected pairs or a KTO label) needs the preference stage, which "
+                      "is not built yet: supervised fine-tuning would train the rejected answers as targets "
+                      "(data/preference.py reads these records)")
+
+
+def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False,
+                  opts: ReadOptions | None = None, truncation: str = "auto"):
     """Read, validate and tokenise every record. Returns (examples, stats)."""
-    stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0}
+    stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0, "too_long": 0}
     examples = []
-    for where, kind, payload in read_records(paths, skip_bad, stats):
+    for where, kind, payload in read_records(paths, skip_bad, stats, opts):
+        if kind == "preference":
+            raise DataError(f"{where}: {PREFERENCE_REFUSED}")
         stats["records"] += 1
         try:
-            exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt)
+            exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt, truncation)
         except Exception as e:  # template errors (raise_exception in Jinja, ...) name the record too
             raise DataError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        stats["too_long"] += not exs
         for ex in exs:
             stats["truncated"] += ex.truncated
             if ex.train[1:].any():  # position 0 is never predicted
@@ -34,6 +44,21 @@ def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False
     stats["tokens"] = int(sum(len(e.ids) for e in examples))
     stats["trained_tokens"] = int(sum(e.train[1:].sum() for e in examples))
     return examples, stats
+
+
+def _load_sources(tok, cfg, items: str, verbose: bool):
+    """Each source of --data (or --eval-data) loaded, sampled (num_samples) and mixed (--mix); stats summed."""
+    lists, total = [], {}
+    for src in datasets.sources(cfg, items, verbose):
+        if src.ranking:
+            raise DataError(f"{cfg.dataset_dir}/dataset_info.json: {src.name}: ranking: {PREFERENCE_REFUSED}")
+        exs, st = load_examples(tok, src.paths, cfg.seq_len, cfg.template or None, cfg.train_on_prompt,
+                                opts=src.opts, truncation=cfg.truncation)
+        lists.append(datasets.sample(exs, src.num_samples, cfg.seed))
+        for k, v in st.items():
+            total[k] = total.get(k, 0) + v if not isinstance(v, list) else total.get(k, []) + v
+    probs = datasets.mix_probs(cfg.mix_probs, len(lists))
+    return datasets.mix(lists, cfg.mix, probs, cfg.seed), total
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
@@ -140,13 +165,12 @@ def prompt_ids(ex: Example) -> list[int] | None:
 
 
 def load_splits(tok, cfg, verbose: bool = True):
-    """train.py's train / eval examples (validated, tokenised, optionally packed) and stats, for a config with
-    train.py's fields (data, eval_data, eval_split, seq_len, template, ...). stats["prompts"]: the prompt tokens of
-    up to eval_samples eval examples (held-out data only), for sample answers. DataError on bad data."""
-    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, train_on_prompt=cfg.train_on_prompt,
-              skip_bad=cfg.skip_bad_records)
-    train, st = load_examples(tok, cfg.data.split(","), **kw)
-    ev, est = (load_examples(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
+    """train.py's train / eval examples (validated, tokenised, mixed, optionally packed) and stats, for a config
+    with train.py's fields (data, eval_data, eval_split, seq_len, template, the data flags...). stats["prompts"]:
+    the prompt tokens of up to eval_samples eval examples (held-out data only), for sample answers. DataError on
+    bad data."""
+    train, st = _load_sources(tok, cfg, cfg.data, verbose)
+    ev, est = _load_sources(tok, cfg, cfg.eval_data, verbose) if cfg.eval_data else ([], None)
     if cfg.eval_split and not cfg.eval_data:
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
@@ -154,9 +178,11 @@ def load_splits(tok, cfg, verbose: bool = True):
         ev, train = [train[i] for i in order[:n]], [train[i] for i in sorted(order[n:])]
     if verbose:
         print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
-              f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
-              f"dropped" + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
-                            if cfg.skip_bad_records else ""), flush=True)
+              f"{st['truncated']} truncated to {cfg.seq_len} tokens ({cfg.truncation})"
+              + (f", {st['too_long']} longer dropped" if cfg.truncation == "drop" else "")
+              + f"; {st['no_target']} without trained tokens dropped"
+              + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped" if cfg.skip_bad_records else ""),
+              flush=True)
     st["prompts"] = [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]
     if cfg.pack:
         train, ev = pack(train, cfg.seq_len), pack(ev, cfg.seq_len)
