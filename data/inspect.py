@@ -12,7 +12,8 @@ import numpy as np
 from model import load_tokenizer
 
 from .batches import load_examples
-from .records import DataError
+from .datasets import columns
+from .records import DataError, ReadOptions
 
 
 def render(tok, ex, color: bool) -> str:
@@ -39,10 +40,19 @@ def main(argv=None):
     ap.add_argument("--template", default=None)
     ap.add_argument("--train-on-prompt", action="store_true")
     ap.add_argument("--skip-bad-records", action="store_true")
+    # the data flags of train.py (docs/train.md)
+    ap.add_argument("--system", default="", help="system message for chats without one")
+    ap.add_argument("--strict-data", action="store_true", help="data warnings are errors")
+    ap.add_argument("--text-split", default="blank", choices=("blank", "lines", "file"))
+    ap.add_argument("--truncation", default="auto", choices=("auto", "keep-start", "keep-end", "drop"))
+    ap.add_argument("--columns", default="", help="OURS=THEIRS,... field renames")
+    ap.add_argument("--max-samples", type=int, default=0, help="records per file (0: all)")
     a = ap.parse_args(argv)
     try:
         tok = load_tokenizer(a.model)
-        exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, a.skip_bad_records)
+        opts = ReadOptions(a.skip_bad_records, a.strict_data, a.text_split, a.system, a.max_samples, columns(a.columns))
+        exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, opts=opts,
+                                truncation=a.truncation)
     except (DataError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     color = sys.stdout.isatty()

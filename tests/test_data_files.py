@@ -300,3 +300,18 @@ def test_resume_with_mixing_is_bit_identical(tmp_path):
     r = run_train([*common[:-8], "--mix-probs", "0.5,0.5", *common[-6:], "--out", str(tmp_path / "B"),
                    "--resume", "--max-steps", "12"], check=False)
     assert r.returncode != 0 and "mix_probs" in r.stderr
+
+
+def test_system_flag_in_inspect_and_generate(tmp_path, capsys, monkeypatch):
+    import generate
+    from data.inspect import main as inspect
+    m = make_model(tmp_path / "m")
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSG}])
+    inspect(["--model", str(m), "--data", str(f), "-n", "1", "--system", "You are Nano."])
+    assert "<|im_start|>system\nYou are Nano.<|im_end|>" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(generate, "generate", lambda model, ids, *a: seen.append(ids) or [])
+    generate.main(["--model", str(m), "--prompts", str(f), "--system", "You are Nano.", "--greedy"])
+    tok = M.load_tokenizer(m)
+    assert tok.decode(seen[0], skip_special_tokens=False) == (
+        "<|im_start|>system\nYou are Nano.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
