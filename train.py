@@ -80,6 +80,7 @@ class TrainConfig:
     truncation: str = "auto"              # long chats: auto (the final answer kept) | keep-start | keep-end | drop
     text_split: str = "blank"             # .txt documents: blank (blank-line separated) | lines | file
     system: str = ""                      # system message for chats without one (overrides the template's default)
+    stream: bool = False                  # tokenise as training goes (bounded memory, needs --max-steps)
     log_every: int = 1
     # ZeRO (Rajbhandari et al. 2020) and ZeRO-Offload (Ren et al. 2021), dist/
     zero: int = 0                         # 0: plain data parallel (all-reduce); 1 | 2 | 3: ZeRO stage
@@ -398,8 +399,7 @@ def main(argv=None):
     traj = trajectory(cfg, world, model)
     same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    order = data.BatchOrder([len(e.ids) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
-                            bucket=not cfg.pack)
+    order = data.make_order(train_ex, cfg.batch_size * cfg.grad_accum * world, cfg.seed, bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
     model.train()
     optimizer = make_optimizer(model, cfg)

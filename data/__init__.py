@@ -1,5 +1,6 @@
 """nanotune data: read and validate chat/text records, tokenise through the chat template, pack and batch."""
-from .batches import BatchOrder, batch_order, collate, count_targets, load_examples, load_splits, pack, prompt_ids
+from .batches import (BatchOrder, batch_order, collate, count_targets, load_examples, load_splits, make_order,
+                      pack, prompt_ids)
 from .datasets import check_flags, fingerprint
 from .encode import Example, assistant_spans, encode_record
 from .preference import Preference, read_preferences
@@ -7,4 +8,4 @@ from .records import Chat, DataError, ReadOptions, normalise, read_records
 
 __all__ = ["BatchOrder", "Chat", "DataError", "Example", "Preference", "ReadOptions", "assistant_spans",
            "batch_order", "check_flags", "collate", "count_targets", "encode_record", "fingerprint", "load_examples",
-           "load_splits", "normalise", "pack", "prompt_ids", "read_preferences", "read_records"]
+           "load_splits", "make_order", "normalise", "pack", "prompt_ids", "read_preferences", "read_records"]

@@ -164,11 +164,28 @@ def prompt_ids(ex: Example) -> list[int] | None:
     return ex.ids[:first[0]].tolist() if len(first) and first[0] > 0 else None
 
 
+def make_order(examples, global_batch: int, seed: int, bucket: bool = True):
+    """train.py's batch order: BatchOrder over a list of examples, StreamOrder over a --stream Stream."""
+    if isinstance(examples, list):
+        return BatchOrder([len(e.ids) for e in examples], global_batch, seed, bucket)
+    from .stream import StreamOrder
+    return StreamOrder(examples, global_batch)
+
+
 def load_splits(tok, cfg, verbose: bool = True):
     """train.py's train / eval examples (validated, tokenised, mixed, optionally packed) and stats, for a config
     with train.py's fields (data, eval_data, eval_split, seq_len, template, the data flags...). stats["prompts"]:
     the prompt tokens of up to eval_samples eval examples (held-out data only), for sample answers. DataError on
-    bad data."""
+    bad data. --stream: the training examples are a data.stream.Stream, tokenised as training goes."""
+    if getattr(cfg, "stream", False):
+        from .stream import Stream
+        train = Stream(tok, cfg, verbose)
+        next(train._source(train.sources[0]), None)  # the first record checked before anything is written
+        ev, _ = _load_sources(tok, cfg, cfg.eval_data, verbose) if cfg.eval_data else ([], None)
+        if verbose:
+            print(f"data: streaming {cfg.data} (tokenised as training goes); {len(ev)} eval examples", flush=True)
+        return train, pack(ev, cfg.seq_len) if cfg.pack else ev, {
+            "prompts": [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]}
     train, st = _load_sources(tok, cfg, cfg.data, verbose)
     ev, est = _load_sources(tok, cfg, cfg.eval_data, verbose) if cfg.eval_data else ([], None)
     if cfg.eval_split and not cfg.eval_data:

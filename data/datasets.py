@@ -48,6 +48,8 @@ def check_flags(cfg) -> str | None:
         return str(e)
     if probs and cfg.mix != "interleave":
         return "--mix-probs needs --mix interleave"
+    if getattr(cfg, "stream", False) and (not cfg.max_steps or cfg.eval_split):
+        return "--stream needs --max-steps (the number of examples is not known up front) and no --eval-split"
     return None
 
 
@@ -146,18 +148,23 @@ def sample(examples: list, n: int, seed: int) -> list:
     return examples * whole + [examples[i] for i in sorted(rng.sample(range(len(examples)), rest))]
 
 
-def interleave(sizes: list[int], probs: list[float] | None, seed: int) -> list[tuple[int, int]]:
-    """(source, index) pairs: each draw picks a source with `probs` (equal without), and takes that source's next
-    example, until a draw finds its source exhausted (HF datasets' interleave "first_exhausted", LLaMA-Factory's
-    interleave_under). A pure function of the sizes, probs and seed: a resumed run sees the same data."""
-    rng, pos, out = random.Random(seed), [0] * len(sizes), []
-    weights = probs or [1.0] * len(sizes)
+def interleave_iter(iterables, probs: list[float] | None, seed: int):
+    """(source, item) pairs: each draw picks a source with `probs` (equal without) and takes its next item, until a
+    draw finds its source exhausted (HF datasets' interleave "first_exhausted", LLaMA-Factory's interleave_under).
+    A pure function of the sources, probs and seed: a resumed run sees the same data."""
+    rng, its, end = random.Random(seed), [iter(x) for x in iterables], object()
+    weights = probs or [1.0] * len(its)
     while True:
-        s = rng.choices(range(len(sizes)), weights)[0]
-        if pos[s] == sizes[s]:
-            return out
-        out.append((s, pos[s]))
-        pos[s] += 1
+        s = rng.choices(range(len(its)), weights)[0]
+        x = next(its[s], end)
+        if x is end:
+            return
+        yield s, x
+
+
+def interleave(sizes: list[int], probs: list[float] | None, seed: int) -> list[tuple[int, int]]:
+    """interleave_iter over sources of `sizes` examples: (source, index) pairs."""
+    return list(interleave_iter([range(n) for n in sizes], probs, seed))
 
 
 def mix(lists: list[list], how: str, probs: list[float] | None, seed: int) -> list:

@@ -281,24 +281,27 @@ def test_interleave_proportions_within_2_percent():
     assert sum(d == 0 for d, _ in small) == 50 and [i for d, i in small if d == 0] == list(range(50))
 
 
-def test_resume_with_mixing_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["eager", "stream"])
+def test_resume_with_mixing_is_bit_identical(tmp_path, stream):
     m = str(make_model(tmp_path / "m", seed=1))
     a = write_jsonl(tmp_path / "a.jsonl", chat_records(40, seed=2))
     b = tmp_path / "b.csv"  # two sources of two file formats
     b.write_text(csv_text([r for r in chat_records(30, seed=3) if "instruction" in r]))
     common = ["--model", m, "--data", f"{a},{b}", "--method", "lora", "--lora-r", "4", "--lora-dropout", "0.1",
               "--mix", "interleave", "--mix-probs", "0.6,0.4", "--batch-size", "2", "--seq-len", "128",
-              "--lr", "1e-3", "--save-every", "5", "--max-steps", "10", "--seed", "4"]
+              "--lr", "1e-3", "--save-every", "3", "--max-steps", "6", "--seed", "4"] + ["--stream"] * stream
     run_train([*common, "--out", str(tmp_path / "A")])
-    r = run_train([*common, "--out", str(tmp_path / "B")], patch=KILL_AFTER_SAVE_5, check=False)
+    r = run_train([*common, "--out", str(tmp_path / "B")], patch=KILL_AFTER_SAVE_5.replace("== 5", "== 3"),
+                  check=False)
     assert r.returncode == -9
     run_train([*common, "--out", str(tmp_path / "B"), "--resume"])
-    assert losses(tmp_path / "B") == losses(tmp_path / "A") and len(losses(tmp_path / "A")) == 10
+    assert losses(tmp_path / "B") == losses(tmp_path / "A") and len(losses(tmp_path / "A")) == 6
     wa, wb = final_weights(tmp_path / "A"), final_weights(tmp_path / "B")
     assert all((wa[k] == wb[k]).all() for k in wa)
     # the mixing settings are part of the trajectory: a resume with other probabilities is refused
-    r = run_train([*common[:-8], "--mix-probs", "0.5,0.5", *common[-6:], "--out", str(tmp_path / "B"),
-                   "--resume", "--max-steps", "12"], check=False)
+    at = common.index("--mix-probs")
+    r = run_train([*common[:at], "--mix-probs", "0.5,0.5", *common[at + 2:], "--out", str(tmp_path / "B"),
+                   "--resume", "--max-steps", "8"], check=False)
     assert r.returncode != 0 and "mix_probs" in r.stderr
 
 
@@ -315,3 +318,49 @@ def test_system_flag_in_inspect_and_generate(tmp_path, capsys, monkeypatch):
     tok = M.load_tokenizer(m)
     assert tok.decode(seen[0], skip_special_tokens=False) == (
         "<|im_start|>system\nYou are Nano.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_stream_gives_the_eager_examples(tok, tmp_path):
+    """One epoch of --stream holds exactly the examples the eager path makes (in a buffer-shuffled order)."""
+    from data.stream import Stream
+    f = write_jsonl(tmp_path / "d.jsonl", chat_records(30) + [{"text": "some raw text " * 40}])
+    cfg = cfg_for(["--stream", "--max-steps", "1", "--seq-len", "64"])
+    cfg.data = str(f)
+    eager, _ = data.load_examples(tok, [f], 64)
+    streamed = list(Stream(tok, cfg, verbose=False).examples(0))
+    key = lambda e: (e.ids.tolist(), e.train.tolist())  # noqa: E731
+    assert sorted(map(key, streamed)) == sorted(map(key, eager)) and len(eager) > 31
+    assert list(map(key, streamed)) != list(map(key, eager))  # shuffled
+
+
+STREAM_RUN = """
+import resource, time
+t0 = time.perf_counter()
+orig = train.train_step
+def step(*a, **k):
+    out = orig(*a, **k)
+    print("FIRST_STEP", time.perf_counter() - t0, flush=True) if not hasattr(step, "done") else None
+    step.done = True
+    return out
+train.train_step = step
+"""
+
+
+def test_stream_memory_and_start_do_not_grow_with_the_file(tmp_path):
+    """--stream on a 4 MB and a 40 MB JSONL: the same peak RSS (within 40 MB) and the first step in < 30 s
+    (bench/bench_stream.py: 10 MB to 1 GB with SmolLM2)."""
+    m = str(make_model(tmp_path / "m", seed=1))
+    line = json.dumps({"messages": [{"role": "user", "content": "hello " * 5},
+                                    {"role": "assistant", "content": "world " * 5}]}) + "\n"
+    res = {}
+    for mb in (4, 40):
+        f = tmp_path / f"{mb}.jsonl"
+        f.write_text(line * (mb * (1 << 20) // len(line)))
+        r = run_train(["--model", m, "--data", str(f), "--out", str(tmp_path / f"o{mb}"), "--method", "lora",
+                       "--stream", "--max-steps", "3", "--batch-size", "2", "--seq-len", "128"],
+                      patch=STREAM_RUN + "import atexit; atexit.register(lambda: print('RSS', resource.getrusage("
+                      "resource.RUSAGE_SELF).ru_maxrss))")
+        vals = dict(ln.split() for ln in r.stdout.splitlines() if ln.startswith(("RSS", "FIRST_STEP")))
+        res[mb] = (float(vals["FIRST_STEP"]), int(vals["RSS"]) / 1024)  # s, MB
+    assert all(t < 30 for t, _ in res.values()), res
+    assert abs(res[40][1] - res[4][1]) < 40, res
