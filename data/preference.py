@@ -18,6 +18,7 @@ The structure the preference stage gets (one per record):
 """
 from dataclasses import dataclass
 
+from .chat import Chat, alpaca_chat, conversation
 from .errors import DataError
 
 
@@ -31,7 +32,6 @@ class Preference:
 
 def _answer(v, where, key, notes, tags, want_str):
     """An answer given as a string, one turn {"role"/"from", "content"/"value"} or a list of turns."""
-    from .records import conversation
     if isinstance(v, str):
         return v if want_str else [{"role": "assistant", "content": v}]
     turns = [v] if isinstance(v, dict) else v
@@ -46,7 +46,6 @@ def _answer(v, where, key, notes, tags, want_str):
 
 
 def _prompt(rec, where, notes, tags):
-    from .records import Chat, _alpaca, conversation
     for shape in ("messages", "conversations", "prompt"):
         if shape in rec:
             v = rec[shape]
@@ -55,7 +54,7 @@ def _prompt(rec, where, notes, tags):
             return conversation({**rec, "messages": v} if shape == "prompt" else rec,
                                 "messages" if shape == "prompt" else shape, where, notes, tags)
     if "instruction" in rec:  # alpaca ranking: the prompt is the alpaca chat without its answer
-        return Chat(_alpaca({**rec, "output": ""}, where)[:-1])
+        return Chat(alpaca_chat({**rec, "output": ""}, where)[:-1])
     return None
 
 
@@ -67,7 +66,6 @@ def _split_common(a, b):
 
 
 def parse(rec, where, notes, tags=None) -> Preference:
-    from .records import Chat
     read = {"prompt", "chosen", "rejected", "completion", "label", "kto_tag", "messages", "conversations",
             "system", "tools", "instruction", "input", "history"}
     for k in rec:
@@ -111,17 +109,5 @@ def parse(rec, where, notes, tags=None) -> Preference:
 
 
 def _answer_turns(v, where, key, notes, tags):
-    from .records import conversation
     shape = "messages" if all(isinstance(t, dict) and "role" in t for t in v) else "conversations"
     return conversation({shape: v}, shape, where, notes, tags)
-
-
-def read_preferences(paths, opts=None) -> list[tuple[str, Preference]]:
-    """Every record of `paths` as (where, Preference); any other record is a DataError naming it."""
-    from .records import read_records
-    out = []
-    for where, kind, payload in read_records(paths, opts=opts):
-        if kind != "preference":
-            raise DataError(f"{where}: not a preference record (expected chosen/rejected or a KTO label)")
-        out.append((where, payload))
-    return out
