@@ -23,6 +23,7 @@ SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", 
 JSON_FIELDS = ("conversations", "messages", "history", "segments", "tools", "chosen", "rejected", "prompt",
                "completion")
 BOM = b"\xef\xbb\xbf"
+SINGLE_OBJECT_MAX = 1 << 26  # bytes: a larger file whose first line is not JSON is JSONL (its line 1 is the error)
 
 
 def _suffix(path: Path) -> str:
@@ -111,8 +112,12 @@ def _json_or_jsonl(path: Path):
             first = f.readline().removeprefix(BOM)
     if head.startswith(b"["):
         return _json_text(path)
-    if head.startswith(b"{") and isinstance(_loads(first.decode("utf-8", "replace"), ""), DataError):
-        return _json_text(path)
+    if head.startswith(b"{") and isinstance(_loads(first.decode("utf-8", "replace"), ""), DataError) \
+            and path.stat().st_size < SINGLE_OBJECT_MAX:  # one object over several lines, or JSONL whose 1st is bad
+        with _open(path) as f:
+            whole = _loads(f.read().removeprefix(BOM).decode("utf-8", "replace"), "")
+        if isinstance(whole, dict):
+            return _json_text(path)
     return _jsonl(path)
 
 

@@ -161,12 +161,13 @@ def test_bad_shapes_are_one_line_errors(tok, case, tmp_path):
 
 def test_skip_bad_records_says_which(tok, tmp_path, capsys):
     f = tmp_path / "d.jsonl"
-    f.write_text("\n".join([json.dumps({"messages": MSG}), "{oops", json.dumps({"text": 1}),
+    # a bad FIRST line: still JSONL (not taken for one pretty-printed object, which would drop the rest)
+    f.write_text("\n".join(["{oops", json.dumps({"messages": MSG}), json.dumps({"text": 1}),
                             json.dumps({"messages": MSG})]) + "\n")
     exs, st = data.load_examples(tok, [f], 64, skip_bad=True)
     err = capsys.readouterr().err.splitlines()
     assert len(exs) == 2 and st["bad"] == 2
-    assert err == [f"warning: skipped {f}:2: invalid JSON (Expecting property name enclosed in double quotes at "
+    assert err == [f"warning: skipped {f}:1: invalid JSON (Expecting property name enclosed in double quotes at "
                    "column 2)", f"warning: skipped {f}:3: field 'text' must be a string, got int"]
 
 
