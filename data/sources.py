@@ -22,6 +22,8 @@ SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow", 
 # fields whose value is a list or object: a CSV cell holding one is JSON
 JSON_FIELDS = ("conversations", "messages", "history", "segments", "tools", "chosen", "rejected", "prompt",
                "completion")
+TEXT_OR_JSON = ("prompt", "completion", "chosen", "rejected")  # a string, or JSON messages
+BOOL_FIELDS = ("label", "kto_tag")
 BOM = b"\xef\xbb\xbf"
 SINGLE_OBJECT_MAX = 1 << 26  # bytes: a larger file whose first line is not JSON is JSONL (its line 1 is the error)
 
@@ -138,10 +140,13 @@ def _csv(path: Path):
                     if v == "":  # CSV has no "missing": an empty cell is an absent field
                         continue
                     if k in JSON_FIELDS and v.lstrip()[:1] in ("[", "{"):
-                        v = _loads(v, f"{where}: column '{k}'")
-                        if isinstance(v, DataError):
-                            rec = v
+                        parsed = _loads(v, f"{where}: column '{k}'")
+                        if isinstance(parsed, DataError) and k not in TEXT_OR_JSON:
+                            rec = parsed
                             break
+                        v = v if isinstance(parsed, DataError) else parsed  # "[INST] ..." stays a prompt string
+                    elif k in BOOL_FIELDS and v.strip().lower() in ("true", "false"):
+                        v = v.strip().lower() == "true"
                     rec[k] = v
                 yield where, rec
         except UnicodeDecodeError as e:

@@ -366,3 +366,15 @@ def test_stream_memory_and_start_do_not_grow_with_the_file(tmp_path):
     print("stream first step (s), peak RSS (MB):", res)
     assert all(t < 30 for t, _ in res.values()), res
     assert abs(res[40][1] - res[4][1]) < 40, res
+
+
+def test_csv_cells_label_and_bracketed_prompt(tmp_path):
+    """A CSV label cell "True" is a bool; a prompt cell starting with "[" that is not JSON stays a string."""
+    f = tmp_path / "k.csv"
+    f.write_text('prompt,completion,label\n"[INST] hi",yo,True\n')
+    assert data.read_preferences([f]) == [(f"{f}:2", data.Preference("[INST] hi", "yo", None, True))]
+    f.write_text('prompt,completion\n"[INST] hi",yo\n"[{""role"": ""user"", ""content"": ""q""}]",'
+                 '"[{""role"": ""assistant"", ""content"": ""a""}]"\n')
+    (_, k1, p1), (_, k2, p2) = data.read_records([f])
+    assert (k1, p1) == ("completion", ("[INST] hi", "yo"))
+    assert k2 == "chat" and list(p2) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
