@@ -5,7 +5,8 @@ tokenised before the first step, the default) vs --stream (tokenised as training
 
 The file is bench_data.py's synthetic multi-turn sharegpt records repeated to each size (MB); each run is a fresh
 `train.py --method lora --max-steps 1 --batch-size 1 --seq-len 256` process on SmolLM2-135M-Instruct (the real
-tokenizer and template) whose first train_step is timed from process start; peak RSS is the process's ru_maxrss.
+tokenizer and template) whose first train_step is timed from process start; peak RSS is the process's ru_maxrss
+(which also counts this parent's peak, kept small: the file is written in ~6 MB blocks).
 Eager runs above --eager-max-mb are not run (their time grows with the file: see the 10 / 100 MB rows).
 """
 import argparse

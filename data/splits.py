@@ -8,7 +8,7 @@ from .records import DataError
 from .stream import Stream, StreamOrder
 
 
-def _load_sources(tok, cfg, items: str, verbose: bool):
+def _load_sources(tok, cfg, items: str, verbose: bool, mixed: bool = True):
     """Each source of --data (or --eval-data) loaded, sampled (num_samples) and mixed (--mix); stats summed."""
     lists, total = [], {}
     for src in datasets.sources(cfg, items, verbose):
@@ -19,8 +19,9 @@ def _load_sources(tok, cfg, items: str, verbose: bool):
         lists.append(datasets.sample(exs, src.num_samples, cfg.seed))
         for k, v in st.items():
             total[k] = total.get(k, 0) + v if not isinstance(v, list) else total.get(k, []) + v
-    probs = datasets.mix_probs(cfg.mix_probs, len(lists))
-    return datasets.mix(lists, cfg.mix, probs, cfg.seed), total
+    if not mixed:  # held-out data: all of it, whatever --mix says of the training sources
+        return datasets.mix(lists, "concat", None, cfg.seed), total
+    return datasets.mix(lists, cfg.mix, datasets.mix_probs(cfg.mix_probs, len(lists)), cfg.seed), total
 
 
 def make_order(examples, global_batch: int, seed: int, bucket: bool = True):
@@ -38,13 +39,13 @@ def load_splits(tok, cfg, verbose: bool = True):
     if getattr(cfg, "stream", False):
         train = Stream(tok, cfg, verbose)
         next(train._source(train.sources[0]), None)  # the first record checked before anything is written
-        ev, _ = _load_sources(tok, cfg, cfg.eval_data, verbose) if cfg.eval_data else ([], None)
+        ev, _ = _load_sources(tok, cfg, cfg.eval_data, verbose, mixed=False) if cfg.eval_data else ([], None)
         if verbose:
             print(f"data: streaming {cfg.data} (tokenised as training goes); {len(ev)} eval examples", flush=True)
         return train, pack(ev, cfg.seq_len) if cfg.pack else ev, {
             "prompts": [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]}
     train, st = _load_sources(tok, cfg, cfg.data, verbose)
-    ev, est = _load_sources(tok, cfg, cfg.eval_data, verbose) if cfg.eval_data else ([], None)
+    ev, est = _load_sources(tok, cfg, cfg.eval_data, verbose, mixed=False) if cfg.eval_data else ([], None)
     if cfg.eval_split and not cfg.eval_data:
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
