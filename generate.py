@@ -93,24 +93,24 @@ def answer_file(args, model, tok, temperature, gen):
     """--prompts: one block per chat record, "Q: <last user turn>" then the answer(s)."""
     from data import DataError, read_records
     try:
-        chats = [p for _, kind, p in read_records([args.prompts]) if kind == "chat"]
+        chats = [p.with_system(args.system) for _, kind, p in read_records([args.prompts]) if kind == "chat"]
     except (DataError, OSError) as e:
         sys.exit(f"error: {e}")
-    chats = [c[:next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))] for c in chats]
+    chats = [(c[:next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))], c.tools) for c in chats]
 
     def answers(m):
         return [tok.decode(generate(m, tok.encode(tok.apply_chat_template(c, add_generation_prompt=True,
-                                                                           template=args.template),
+                                                                           template=args.template, tools=tools),
                                                   add_special_tokens=False),
                                     args.max_new_tokens, tok.stop_ids, temperature, args.top_k, args.top_p, gen))
-                for c in chats]
+                for c, tools in chats]
     before = answers(model) if args.compare_base and args.adapter else None
     try:
         model = with_adapter(model, args) if before is not None else model
     except ValueError as e:
         sys.exit(f"error: {e}")
     after = answers(model)
-    for i, c in enumerate(chats):
+    for i, (c, _) in enumerate(chats):
         q = next((m["content"] for m in reversed(c) if m["role"] == "user"), "")
         print(f"Q: {q}\n" + (f"  before: {before[i]}\n  after:  {after[i]}\n" if before else f"  A: {after[i]}\n"))
 

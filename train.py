@@ -16,7 +16,6 @@ linears are quantized to NF4 while loading, quant/) are the two it knows itself.
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -31,7 +30,7 @@ import data
 import model as M
 import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
-from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints, file_hash,
+from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
                       remove_partial, resume, same_on_all_ranks, save_checkpoint)
 from model import preference
 from model.ops import ChunkedCE, native_half_gemm
@@ -82,6 +81,16 @@ class TrainConfig:
     train_on_prompt: bool = False
     template: str = ""                    # built-in chat template (chatml, llama3, llama2, alpaca); "": the model's
     skip_bad_records: bool = False
+    strict_data: bool = False             # data warnings (ignored fields, placeholders, <image> tags) are errors
+    dataset_dir: str = ""                 # a LLaMA-Factory dataset_info.json dir: --data names its datasets
+    columns: str = ""                     # OURS=THEIRS,...: rename a file's fields (e.g. instruction=question)
+    max_samples: int = 0                  # records read per file (0: all)
+    mix: str = "concat"                   # several --data: concat | interleave (seeded, by --mix-probs)
+    mix_probs: str = ""                   # interleave: one probability per --data item, e.g. 0.7,0.3
+    truncation: str = "auto"              # long chats: auto (the final answer kept) | keep-start | keep-end | drop
+    text_split: str = "blank"             # .txt documents: blank (blank-line separated) | lines | file
+    system: str = ""                      # system message for chats without one (overrides the template's default)
+    stream: bool = False                  # tokenise as training goes (bounded memory, needs --max-steps)
     log_every: int = 1
     quiet: bool = False                   # no progress bars / rate lines (tokenising, training, eval, saving)
     # ZeRO (Rajbhandari et al. 2020) and ZeRO-Offload (Ren et al. 2021), dist/
@@ -144,6 +153,8 @@ def parse_args(argv=None) -> TrainConfig:
             sys.exit(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
     if not cfg.data:
         sys.exit("error: --data is required")
+    if bad := data.check_flags(cfg):
+        sys.exit(f"error: {bad}")
     if cfg.zero not in (0, 1, 2, 3):
         sys.exit(f"error: --zero {cfg.zero}: expected 0 (plain data parallel), 1, 2 or 3")
     if cfg.offload and not cfg.zero:
@@ -353,7 +364,7 @@ def trajectory(cfg: TrainConfig, world: int, model) -> dict:
             "resume_override", "merge", "log_every", "quiet", "config", "collective_timeout", "method_args",
             "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
     d = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    d["data"] = [f"{p} ({os.path.getsize(p)} bytes, blake2b {file_hash(Path(p))})" for p in cfg.data.split(",")]
+    d["data"] = data.fingerprint(cfg)  # every file (directories, dataset_info.json) with its size and hash
     pcfg = getattr(model, "peft_config", None)
     return {**d, "method_config": pcfg.to_json() if pcfg else None,
             "global_batch": cfg.batch_size * cfg.grad_accum * world}
@@ -391,8 +402,7 @@ def main(argv=None):
     traj = trajectory(cfg, world, model)
     same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    order = data.BatchOrder([len(e) for e in train_ex], cfg.batch_size * cfg.grad_accum * world, cfg.seed,
-                            bucket=not cfg.pack)
+    order = data.make_order(train_ex, cfg.batch_size * cfg.grad_accum * world, cfg.seed, bucket=not cfg.pack)
     total = cfg.max_steps or max(1, int(cfg.epochs * order.per_epoch))
     if why := peft.start_run(model, total, cfg.zero):  # e.g. AdaLoRA's budget schedule against the run's steps
         sys.exit(f"error: {why}")

@@ -5,7 +5,6 @@ examples in one row with position_ids restarting at 0 for each and a block-diago
 never crosses an example boundary; the first token of each packed example is never a target (it would be
 predicted from the previous example), exactly as it is not in an unpacked row.
 """
-import functools
 import random
 
 import numpy as np
@@ -14,20 +13,29 @@ import torch
 from model.progress import progress
 
 from .encode import Example, encode_record
-from .pairs import Labelled, Pair, load_preference, n_prompt
-from .records import DataError, read_records
+from .pairs import Labelled, Pair, n_prompt
+from .records import DataError, ReadOptions, read_records
 
 
-def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False):
+PREFERENCE_REFUSED = ("preference data (chosen/rejected pairs or a KTO label): train it with --stage dpo (pairs) or "
+                      "--stage kto (labelled completions); supervised fine-tuning would train the rejected answers "
+                      "as targets")
+
+
+def load_examples(tok, paths, seq_len: int, template=None, train_on_prompt=False, skip_bad=False,
+                  opts: ReadOptions | None = None, truncation: str = "auto"):
     """Read, validate and tokenise every record. Returns (examples, stats)."""
-    stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0}
+    stats = {"bad": 0, "records": 0, "truncated": 0, "no_target": 0, "too_long": 0}
     examples = []
-    for where, kind, payload in progress(read_records(paths, skip_bad, stats), "tokenising", unit="rec"):
+    for where, kind, payload in progress(read_records(paths, skip_bad, stats, opts), "tokenising", unit="rec"):
+        if kind == "preference":
+            raise DataError(f"{where}: {PREFERENCE_REFUSED}")
         stats["records"] += 1
         try:
-            exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt)
+            exs = encode_record(tok, kind, payload, seq_len, template, train_on_prompt, truncation)
         except Exception as e:  # template errors (raise_exception in Jinja, ...) name the record too
             raise DataError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        stats["too_long"] += not exs
         for ex in exs:
             stats["truncated"] += ex.truncated
             if ex.train[1:].any():  # position 0 is never predicted
@@ -180,33 +188,3 @@ def prompt_ids(ex: Example) -> list[int] | None:
     ex = ex.chosen if isinstance(ex, Pair) else ex.example if isinstance(ex, Labelled) else ex
     first = np.flatnonzero(ex.train)
     return ex.ids[:first[0]].tolist() if len(first) and first[0] > 0 else None
-
-
-def load_splits(tok, cfg, verbose: bool = True):
-    """train.py's train / eval examples (validated, tokenised, optionally packed) and stats, for a config with
-    train.py's fields (data, eval_data, eval_split, seq_len, template, ...). stats["prompts"]: the prompt tokens of
-    up to eval_samples eval examples (held-out data only), for sample answers. DataError on bad data."""
-    kw = dict(seq_len=cfg.seq_len, template=cfg.template or None, skip_bad=cfg.skip_bad_records)
-    if getattr(cfg, "stage", "sft") == "sft":
-        load = functools.partial(load_examples, train_on_prompt=cfg.train_on_prompt)
-    else:  # preference pairs / labelled completions (data/pairs.py)
-        load = functools.partial(load_preference, stage=cfg.stage)
-    train, st = load(tok, cfg.data.split(","), **kw)
-    ev, est = (load(tok, cfg.eval_data.split(","), **kw) if cfg.eval_data else ([], None))
-    if cfg.eval_split and not cfg.eval_data:
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n = max(1, int(len(train) * cfg.eval_split))
-        ev, train = [train[i] for i in order[:n]], [train[i] for i in sorted(order[n:])]
-    if verbose:
-        print(f"data: {st['records']} records -> {len(train)} train / {len(ev)} eval examples; "
-              f"{st['truncated']} truncated to {cfg.seq_len} tokens; {st['no_target']} without trained tokens "
-              f"dropped" + (f"; {st['prompt_truncated']} whose completion starts past --seq-len dropped"
-                            if "prompt_truncated" in st else "") + (f"; {st['bad'] + (est or {}).get('bad', 0)} bad records skipped"
-                            if cfg.skip_bad_records else ""), flush=True)
-    st["prompts"] = [p for p in map(prompt_ids, ev) if p][:cfg.eval_samples]  # a pair's: its chosen row's
-    if cfg.pack:
-        train, ev = pack(train, cfg.seq_len), pack(ev, cfg.seq_len)
-    if not train:
-        raise DataError(f"{cfg.data}: no usable training examples")
-    return train, ev, st

@@ -6,6 +6,7 @@ prefixes: assistant turn i spans from the end of render(messages[:i], add_genera
 render(messages[:i+1]) with trailing whitespace removed, i.e. the answer plus its end-of-turn token. Tokens whose
 first character lies in a trained span are trained; everything else (system, user, role headers) gets label -100.
 """
+import functools
 import re
 from dataclasses import dataclass
 
@@ -26,12 +27,15 @@ class Example:
 
 
 def assistant_spans(tok, messages, template=None) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the [start, end) character spans of the assistant answers + end-of-turn tokens."""
-    render = tok.chat_renderer(template)
+    """The rendered text and the [start, end) character spans of the trained assistant answers (a tool-call turn
+    is an answer; tool results are not; a data.Chat's `untrained` turns are skipped) + end-of-turn tokens."""
+    render = functools.partial(tok.chat_renderer(template), tools=getattr(messages, "tools", None))
+    untrained = getattr(messages, "untrained", ())
+    messages = list(messages)
     text = render(messages)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i in untrained:
             continue
         prefix = render(messages[:i], add_generation_prompt=True) if i else ""
         upto = render(messages[:i + 1]) if i + 1 < len(messages) else text
@@ -48,6 +52,8 @@ def _find_answer(tok, text, messages, i, cursor):
     """The span of messages[i] found verbatim in `text` (templates may trim it): searched after the message before
     it (so an answer quoted in its question is not taken for it), then after `cursor`; plus whitespace and the
     end-of-turn token if one follows."""
+    if messages[i].get("tool_calls"):
+        raise ValueError("the chat template's prefixes are not stable and a tool-call turn cannot be found verbatim")
     content = messages[i]["content"].strip() or messages[i]["content"]
     before = messages[i - 1]["content"].strip() if i else ""
     at = text.find(before, cursor) if before else -1
@@ -141,9 +147,35 @@ def _tokenise_spans(tok, text, spans):
     return np.array(ids, dtype=np.int32), train
 
 
-def encode_record(tok, kind: str, payload, seq_len: int, template=None, train_on_prompt=False) -> list[Example]:
-    """One record -> examples. Chats longer than seq_len are truncated (keeping the start, flagged);
-    raw text gets BOS/EOS and is cut into seq_len chunks (nothing is lost, so not "truncated")."""
+def _truncate(ids, train, seq_len, how):
+    """A chat longer than seq_len: keep-start, keep-end, drop (None), or auto: when the final answer fits in
+    seq_len, keep it whole with the context right before it (the prompt loses its start), else keep the start."""
+    if how == "drop":
+        return None
+    trained = np.flatnonzero(train)
+    end = int(trained[-1]) + 1 if len(trained) else len(ids)       # the end of the final answer
+    gaps = np.flatnonzero(~train[:end])
+    start = int(gaps[-1]) + 1 if len(gaps) else 0                    # its first token
+    if how == "keep-end":
+        return ids[-seq_len:], train[-seq_len:]
+    if how == "auto" and len(trained) and end > seq_len and end - start < seq_len:
+        stop = len(ids) if len(ids) - start <= seq_len else end
+        return ids[stop - seq_len:stop], train[stop - seq_len:stop]
+    return ids[:seq_len], train[:seq_len]
+
+
+def _spans_encode(tok, text, spans, bos=True):
+    """ids + trained flags of plain text (no chat template), BOS first when the tokenizer adds one."""
+    lead = tok.bos_token if bos and tok.add_bos and tok.bos_token else ""
+    return _tokenise_spans(tok, lead + text, [(s + len(lead), e + len(lead)) for s, e in spans])
+
+
+def encode_record(tok, kind: str, payload, seq_len: int, template=None, train_on_prompt=False,
+                  truncation: str = "auto") -> list[Example]:
+    """One record -> examples. Raw text gets BOS/EOS and is cut into seq_len chunks (nothing is lost, so not
+    "truncated"). Chats, completions and segments longer than seq_len are truncated by `truncation` (flagged; an
+    empty list when dropped). Completions (TRL standard): prompt + completion + EOS, the completion and EOS
+    trained. Segments (axolotl input_output): each tokenised alone, concatenated, the labelled ones trained."""
     if kind == "text":
         ids = tok.encode(payload, add_special_tokens=True)
         if tok.eos_id is not None:
@@ -154,9 +186,21 @@ def encode_record(tok, kind: str, payload, seq_len: int, template=None, train_on
         step = max(1, seq_len - 1)
         return [Example(ids[i:i + seq_len], np.ones(len(ids[i:i + seq_len]), dtype=bool))
                 for i in range(0, max(1, len(ids) - 1), step)]
-    text, spans = assistant_spans(tok, payload, template)
-    ids, train = _tokenise_spans(tok, text, spans)
+    if kind == "chat":
+        ids, train = _tokenise_spans(tok, *assistant_spans(tok, payload, template))
+    elif kind == "completion":
+        prompt, completion = payload
+        eos = tok.eos_token if tok.eos_token and not completion.endswith(tok.eos_token) else ""
+        ids, train = _spans_encode(tok, prompt + completion + eos, [(len(prompt), len(prompt + completion + eos))])
+    elif kind == "segments":
+        parts = [tok.encode(t, add_special_tokens=False) for t, _ in payload]
+        ids = np.array([i for p in parts for i in p], dtype=np.int32)
+        train = np.array([lab for p, (_, lab) in zip(parts, payload) for _ in p], dtype=bool)
+    else:
+        raise ValueError(f"{kind} records cannot be trained by supervised fine-tuning")
     if train_on_prompt:
         train[:] = True
-    truncated = len(ids) > seq_len
-    return [Example(ids[:seq_len], train[:seq_len], truncated)]
+    if len(ids) <= seq_len:
+        return [Example(ids, train)]
+    cut = _truncate(ids, train, seq_len, truncation)
+    return [Example(*cut, truncated=True)] if cut else []

@@ -15,8 +15,9 @@ from model import load_tokenizer
 from model.progress import quiet
 
 from .batches import load_examples
+from .datasets import columns
 from .pairs import load_preference
-from .records import DataError
+from .records import DataError, ReadOptions
 
 
 def render(tok, ex, color: bool) -> str:
@@ -45,13 +46,22 @@ def main(argv=None):
     ap.add_argument("--skip-bad-records", action="store_true")
     ap.add_argument("--stage", default="sft", choices=("sft", "dpo", "kto"))
     ap.add_argument("--quiet", action="store_true", help="no progress lines while tokenising")
+    # the data flags of train.py (docs/train.md)
+    ap.add_argument("--system", default="", help="system message for chats without one")
+    ap.add_argument("--strict-data", action="store_true", help="data warnings are errors")
+    ap.add_argument("--text-split", default="blank", choices=("blank", "lines", "file"))
+    ap.add_argument("--truncation", default="auto", choices=("auto", "keep-start", "keep-end", "drop"))
+    ap.add_argument("--columns", default="", help="OURS=THEIRS,... field renames")
+    ap.add_argument("--max-samples", type=int, default=0, help="records per file (0: all)")
     a = ap.parse_args(argv)
     quiet(a.quiet)
-    if a.stage != "sft":
-        return inspect_preference(a)
     try:
         tok = load_tokenizer(a.model)
-        exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, a.skip_bad_records)
+        opts = ReadOptions(a.skip_bad_records, a.strict_data, a.text_split, a.system, a.max_samples, columns(a.columns))
+        if a.stage != "sft":
+            return inspect_preference(a, tok, opts)
+        exs, st = load_examples(tok, a.data.split(","), a.seq_len, a.template, a.train_on_prompt, opts=opts,
+                                truncation=a.truncation)
     except (DataError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     color = sys.stdout.isatty()
@@ -68,11 +78,10 @@ def main(argv=None):
           f"({100 * st['trained_tokens'] / max(st['tokens'], 1):.1f}%)")
 
 
-def inspect_preference(a):
+def inspect_preference(a, tok, opts):
     """--stage dpo|kto: the pairs (chosen, then rejected) or labelled completions, trained tokens marked."""
     try:
-        tok = load_tokenizer(a.model)
-        items, st = load_preference(tok, a.data.split(","), a.stage, a.seq_len, a.template, a.skip_bad_records)
+        items, st = load_preference(tok, a.data.split(","), a.stage, a.seq_len, a.template, opts=opts)
     except (DataError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     color = sys.stdout.isatty()

@@ -109,7 +109,7 @@ def run_info(cfg, stats: dict, model, world: int, n_train: int, n_eval: int, tok
             "data": {"records": stats["records"] + stats["bad"], "bad": stats["bad"], "train_examples": n_train,
                      "eval_examples": n_eval, "truncated": stats["truncated"], "no_target": stats["no_target"],
                      "tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"], "seq_len": cfg.seq_len,
-                     "pack": cfg.pack, "warnings": warnings},
+                     "pack": cfg.pack, "streamed": stats.get("streamed", False), "warnings": warnings},
             "prompts": [tok.decode(p).strip() for p in stats.get("prompts", [])]}
 
 
@@ -333,8 +333,9 @@ def write_report(out: Path) -> Path:
     if data:
         L += ["## Data", "", "| | |", "|---|---|",
               f"| training records | {data['records']:,} ({data['bad']} malformed skipped) |",
-              f"| examples | {data['train_examples']:,} train / {data['eval_examples']:,} eval"
-              + (" (after packing)" if data.get("pack") else "") + " |",
+              (f"| examples | streamed (--stream: tokenised as training went) / {data['eval_examples']:,} eval |"
+               if data.get("streamed") else f"| examples | {data['train_examples']:,} train / "
+               f"{data['eval_examples']:,} eval" + (" (after packing)" if data.get("pack") else "") + " |"),
               f"| tokens per epoch | {data['tokens']:,} ({data['trained_tokens']:,} trained, "
               f"{100 * data['trained_tokens'] / max(data['tokens'], 1):.1f}%) |",
               f"| truncated to --seq-len {data['seq_len']} | {data['truncated']} |",

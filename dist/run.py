@@ -300,8 +300,11 @@ class Logger:
     def begin(self, cfg, stats: dict, model, world: int, train_ex, eval_ex, tok, start: int, total: int):
         """run.json: what this run knows once (report.run_info) and a new segment from step `start`."""
         if self.on:
-            report.begin(self.out, report.run_info(cfg, stats, model, world, len(train_ex), len(eval_ex), tok),
-                         start, total)
+            if not isinstance(train_ex, list):  # --stream: the data is counted as training goes, not up front
+                stats = {k: 0 for k in ("records", "bad", "truncated", "no_target", "tokens", "trained_tokens")} \
+                    | stats | {"streamed": True}
+            n_train = len(train_ex) if isinstance(train_ex, list) else 0
+            report.begin(self.out, report.run_info(cfg, stats, model, world, n_train, len(eval_ex), tok), start, total)
 
     def log(self, rec: dict):
         if not self.on:

@@ -90,6 +90,60 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+def supports_tools(source: str) -> bool:
+    """Does a chat template render tool definitions and calls itself (Qwen2.5, Llama 3.1, Mistral, Hermes...)?"""
+    return "tool_calls" in source and re.search(r"\btools\b", source) is not None
+
+
+HERMES_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>{}\n</tools>\n\nFor each function call, return "
+    "a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+
+
+def hermes_messages(messages, tools=None) -> list[dict]:
+    """The built-in tool rendering for templates without tool support: Qwen2.5's (Hermes-style) text as plain
+    messages. Tool definitions are appended to the system message (one is added when there is none; it replaces a
+    template's default system prompt), each call becomes `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
+    in the assistant's content, and consecutive tool results one user message of `<tool_response>` blocks. On a
+    ChatML template this is exactly Qwen2.5's apply_chat_template(tools=...) when the chat has a system message."""
+    dump = functools.partial(json.dumps, ensure_ascii=False)
+    out = []
+    if tools:
+        block = HERMES_TOOLS.format("".join("\n" + dump(t) for t in tools))
+        if messages and messages[0]["role"] == "system":
+            out.append({"role": "system", "content": messages[0]["content"] + "\n\n" + block})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": block})
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = "".join('\n<tool_call>\n{"name": "' + c["function"]["name"] + '", "arguments": '
+                            + dump(c["function"]["arguments"]) + "}\n</tool_call>" for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": m["content"] + calls if m["content"] else calls[1:]})
+        elif m["role"] == "tool":
+            block = "\n<tool_response>\n" + m["content"] + "\n</tool_response>"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += block
+            else:
+                out.append({"role": "user", "content": block[1:], "_tool": True})
+        else:
+            out.append(m)
+    return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
+
+
+def _check_tools_rendered(text, messages, tools):
+    """A template that says it supports tools must show every tool, call and result: else a one-line error."""
+    names = [t.get("function", t).get("name", "") for t in tools or ()]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()]
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    missing = next((x for x in names + results if x not in text), None)
+    if missing is not None:
+        raise ValueError(f"the chat template dropped tool text {missing[:40]!r}: use --template chatml (nanotune's "
+                         "built-in Hermes-style tool rendering)")
+
+
 def _token_str(t):
     return t.get("content") if isinstance(t, dict) else t
 
@@ -155,30 +209,42 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            template: str | None = None) -> str:
-        """Render a conversation to text. `template`: a built-in name (chatml, llama3, llama2, alpaca) or Jinja."""
-        return self.chat_renderer(template)(messages, add_generation_prompt)
+                            template: str | None = None, tools: list | None = None) -> str:
+        """Render a conversation to text. `template`: a built-in name (chatml, llama3, llama2, alpaca) or Jinja.
+        `tools`: JSON-schema function definitions, as transformers' apply_chat_template(tools=...)."""
+        return self.chat_renderer(template)(messages, add_generation_prompt, tools)
 
     def chat_renderer(self, template: str | None = None):
-        """`render(messages, add_generation_prompt=False) -> str` for one template, with the compiled template and
-        the special-token variables looked up once (data/encode.py renders 1 + 2 x turns prefixes of each record)."""
+        """`render(messages, add_generation_prompt=False, tools=None) -> str` for one template, with the compiled
+        template and the special-token variables looked up once (data/encode.py renders 1 + 2 x turns prefixes of
+        each record). Tools: as transformers' apply_chat_template(tools=...) for a template that renders them;
+        for one that does not, the conversation is first rewritten to the built-in Hermes / Qwen2.5 form
+        (`hermes_messages`), so no tool definition, call or result is ever dropped."""
         source = BUILTIN_TEMPLATES.get(template, template) or self.chat_template
         if source is None:
             raise ValueError(f"this tokenizer has no chat template; pick one of {', '.join(BUILTIN_TEMPLATES)}")
         compiled = _compiled(source)
         kw = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token")}
         kw.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        native = supports_tools(source)
 
-        def render(messages, add_generation_prompt=False):
+        def render(messages, add_generation_prompt=False, tools=None):
+            uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+            if uses_tools and not native:
+                messages, tools = hermes_messages(messages, tools), None
             out, n = [], 0
             with _time_limit(TEMPLATE_SECONDS):
-                for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **kw):
+                for chunk in compiled.generate(messages=messages, tools=tools,
+                                               add_generation_prompt=add_generation_prompt, **kw):
                     n += len(chunk)
                     if n > TEMPLATE_MAX_CHARS:
                         raise jinja2.exceptions.TemplateError(
                             f"the chat template's output exceeds {TEMPLATE_MAX_CHARS:,} characters")
                     out.append(chunk)
-            return "".join(out)
+            text = "".join(out)
+            if uses_tools and native:
+                _check_tools_rendered(text, messages, tools)
+            return text
         return render
 
     def save(self, path):

@@ -169,7 +169,7 @@ def test_malformed_record_exit_code_no_traceback(tiny_model_dir, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {f}:3: messages[0]: unknown role 'robot' "
-                                             f"(expected one of system, user, assistant)"]
+                                             f"(expected one of system, user, assistant, tool, developer)"]
     assert not (tmp_path / "out").exists()
 
 

@@ -151,7 +151,7 @@ def test_non_finite_stop_writes_both_and_the_resumed_plot_holds_every_step_once(
 
 
 def test_a_methods_own_metrics_get_panels_and_rows(tmp_path):
-    """Preference / classification metrics (not built yet) in metrics.jsonl are drawn and listed without a change
+    """Preference / classification metrics (classification: not built yet) in metrics.jsonl are drawn and listed without a change
     here; a torn last line (a run killed mid-write) is skipped; config.json and run.json may be missing."""
     recs = [{"step": s, "loss": 2 / s, "lr": 1e-3, "grad_norm": 1.0, "tokens": 10 * s, "trained_tokens": 5,
              "tokens_per_s": 100.0 + s, "rewards/margins": 0.1 * s, "rewards/accuracies": 0.5 + s / 40}

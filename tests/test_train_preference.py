@@ -69,9 +69,10 @@ def test_pairs_render_after_the_same_prompt_and_train_only_the_completion(setup)
 
 
 @pytest.mark.parametrize("rec, msg", [
-    ({"prompt": "q", "chosen": "a"}, "preference record has no 'rejected'"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected' \\(a preference pair needs both"),
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are the same completion"),
-    ({"prompt": " ", "chosen": "a", "rejected": "b"}, "preference record has an empty prompt"),
+    ({"prompt": [{"role": "user", "content": " "}], "chosen": "a", "rejected": "b"},
+     "preference record has an empty prompt"),
     ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label' must be true or false, got 'yes'"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
      "--stage dpo needs 'chosen' and 'rejected'; this record is supervised \\(SFT\\) data"),
@@ -102,7 +103,7 @@ def test_kto_records_and_their_kl_rows(setup):
     assert b["examples"] == 2 and b["desirable"].tolist() == [True, False]
     kl0 = tok.decode(b["input_ids"][2][b["attention_mask"][2].bool()].tolist(), skip_special_tokens=False)
     assert "q1" in kl0 and "bad" in kl0 and "good" not in kl0  # prompt 0 with completion 1
-    with pytest.raises(data.DataError, match="--stage kto needs 'prompt', 'completion' and a bool 'label'"):
+    with pytest.raises(data.DataError, match="--stage kto needs a completion with a bool 'label'"):
         load_preference(tok, [setup["data"]], "kto", 512)
 
 

@@ -1,8 +1,9 @@
 """Writes train.jsonl and heldout.jsonl: a small preference dataset written for nanotune (regenerate: python -m
-data.preference.make), for the README's DPO example. Every pair answers the same question twice: the chosen answer
+data.dpo.make), for the README's DPO example. Every pair answers the same question twice: the chosen answer
 is brief and starts with "In short:", the rejected one says the same fact buried in hedging filler. After DPO the
 model should answer held-out questions (never in train.jsonl) in the chosen style: shorter, "In short: ...".
-Records use TRL's conversational shape (prompt / chosen / rejected as message lists) and its plain-string shape."""
+Records use TRL's conversational shape (prompt / chosen / rejected as message lists) and LLaMA-Factory's sharegpt
+pairs, both rendered through the model's chat template."""
 import json
 import random
 from pathlib import Path
@@ -60,7 +61,7 @@ def main():
     rng = random.Random(0)
     out = []
     for i, (q, fact) in enumerate(FACTS):
-        for k in range(2):  # two pairs per question: different filler, both record shapes
+        for k in range(2):  # two pairs per question, with different filler; TRL's shape and LLaMA-Factory's
             chosen = f"In short: {fact[0].upper() + fact[1:]}."
             rejected = rng.choice(FILLERS) + f"As far as I know, {fact}." + rng.choice(ENDINGS)
             if k == 0:
@@ -68,7 +69,8 @@ def main():
                             "chosen": [{"role": "assistant", "content": chosen}],
                             "rejected": [{"role": "assistant", "content": rejected}]})
             else:
-                out.append({"prompt": q, "chosen": chosen, "rejected": rejected})
+                out.append({"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": chosen},
+                            "rejected": {"from": "gpt", "value": rejected}})
     rng.shuffle(out)
     here = Path(__file__).parent
     (here / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
