@@ -222,7 +222,7 @@ def _attention(kw, d, mt, source):
     kw["norm_offset"], kw["embed_scale"] = 1.0, kw["hidden_size"] ** 0.5
     if mt == "gemma":
         return
-    kw["sandwich_norms"] = True
+    kw["sandwich_norms"], kw["qk_norm"] = True, mt == "gemma3_text"
     kw["attn_scale"] = _number(d, "query_pre_attn_scalar", source, 256) ** -0.5
     caps = (50.0, 30.0) if mt == "gemma2" else (None, None)
     if mt == "gemma2":  # Gemma 3 has attn_logit_softcapping in its config but never applies it (as in HF)
@@ -242,7 +242,8 @@ def _attention(kw, d, mt, source):
 def _moe(kw, d, mt, source):
     """Expert counts and sizes, the router's options, and which layers are sparse (Qwen: decoder_sparse_step and
     mlp_only_layers)."""
-    n_key = "num_local_experts" if mt == "mixtral" else "num_experts"
+    # Mixtral's key is num_local_experts; Qwen's num_experts (transformers 5 writes Qwen3-MoE's under both names)
+    n_key = "num_local_experts" if mt == "mixtral" or d.get("num_experts") is None else "num_experts"
     for k in (n_key, "num_experts_per_tok") + (() if mt == "mixtral" else ("moe_intermediate_size",)):
         if d.get(k) is None:
             raise ValueError(f"{source}: missing key {k}")
