@@ -198,10 +198,12 @@ def test_gemma2_full_finetune_curve_matches_transformers(hf, tmp_path):
     import train
     work, _ = hf
     ids, mask = _batch()
-    labels = ids.masked_fill(mask == 0, -100)
+    trained = mask.bool()
+    trained[1, 4] = False  # the left-padded row's first token: only a pad position would predict it
+    labels = ids.masked_fill(~trained, -100)
     model = load_pretrained(work / "gemma2").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": None, "train_mask": mask.bool()}
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": None, "train_mask": trained}
     n = int(batch["train_mask"][:, 1:].sum())
     ours = []
     for _ in range(10):
