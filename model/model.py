@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelConfig  # noqa: F401  (importers' names)
 from .gemma import ScaledEmbedding, SoftcapLinear
-from .moe import SparseMoE, load_balancing_loss
+from .moe import SparseMoE
 from .ops import RecomputeSaved, SiluMul, attention
 from .rope import apply_rope, rope_cos_sin  # noqa: F401  (peft.llama_adapter and tests import them from here)
 
@@ -270,21 +270,6 @@ class Transformer(nn.Module):
         x = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, cache,
                        checkpointing=self.gradient_checkpointing and self.training, recompute=self.recompute_saved)
         return x if hidden_only else self.lm_head(x)
-
-    def aux_loss(self, attention_mask=None):
-        """The MoE routers' load-balancing loss of the last forward (moe.load_balancing_loss, transformers'
-        `aux_loss`; 0 for a dense model). attention_mask: that forward's (B, T) padding mask, if any."""
-        blocks = [m for m in self.modules() if isinstance(m, SparseMoE) and m.router_logits is not None]
-        if not blocks:
-            return 0.0
-        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        return load_balancing_loss([b.router_logits for b in blocks], self.cfg.num_experts,
-                                   self.cfg.num_experts_per_tok, mask)
-
-    def router_loss(self, attention_mask=None):
-        """What the training loss adds per token: router_aux_loss_coef * aux_loss when config.json's
-        output_router_logits is on (as transformers' forward adds it), else 0."""
-        return self.cfg.router_aux_loss_coef * self.aux_loss(attention_mask) if self.cfg.output_router_logits else 0.0
 
     @property
     def device(self):

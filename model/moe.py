@@ -123,3 +123,22 @@ def load_balancing_loss(router_logits: list, n_experts: int, top_k: int, attenti
         prob_sum = prob_sum + (p.float() if keep is None else p.float() * keep[:, None]).sum(dim=0)
         rows = rows + (p.shape[0] if keep is None else keep.sum())
     return torch.sum((counts / rows) * (prob_sum / rows)) * n_experts
+
+
+def aux_loss(model: nn.Module, attention_mask=None):
+    """The routers' load-balancing loss of `model`'s last forward (transformers' `aux_loss` with
+    output_router_logits), 0 for a dense model. attention_mask: that forward's (B, T) padding mask, if any
+    (a packed (B, 1, T, S) mask has no padding)."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE) and m.router_logits is not None]
+    if not blocks:
+        return 0.0
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    return load_balancing_loss([b.router_logits for b in blocks], model.cfg.num_experts,
+                               model.cfg.num_experts_per_tok, mask)
+
+
+def router_loss(model: nn.Module, attention_mask=None):
+    """What the training loss adds per trained token: router_aux_loss_coef * aux_loss when config.json's
+    output_router_logits is on (transformers' forward adds it to the loss then), else 0."""
+    cfg = model.cfg
+    return cfg.router_aux_loss_coef * aux_loss(model, attention_mask) if cfg.output_router_logits else 0.0

@@ -85,11 +85,20 @@ def hf(tmp_path_factory):
                     res[f"{{name}}/{{tag}}"] = o.logits
                     if moe:
                         res[f"{{name}}/{{tag}}/aux"] = o.aux_loss.reshape(1)
+                        if m is not None:  # the training loss: CE + router_aux_loss_coef * aux_loss
+                            res[f"{{name}}/loss"] = model(input_ids=x["ids"], attention_mask=m, labels=x["labels"],
+                                                          **moe).loss.reshape(1)
                         for j, r in enumerate(o.router_logits):
                             res[f"{{name}}/{{tag}}/router{{j}}"] = r
         save_file(res, "out.safetensors")
-    """, work, {"ids": ids, "mask": mask})
+    """, work, {"ids": ids, "mask": mask, "labels": ids.masked_fill(~_trained(mask), -100)})
     return work, out
+
+
+def _trained(mask):
+    trained = mask.bool()
+    trained[1, 4] = False  # the left-padded row's first token: only a pad position would predict it
+    return trained
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -115,14 +124,31 @@ def test_router_logits_and_aux_loss_match_transformers(hf, name):
     for tag, m in (("plain", None), ("mask", mask)):
         with torch.no_grad():
             ours(ids, attention_mask=m)
-            aux = ours.aux_loss(m)
+            aux = nt.aux_loss(ours, m)
         blocks = [b for b in ours.modules() if isinstance(b, nt.model.SparseMoE)]
         assert len(blocks) == n_moe
         keep = (m if m is not None else torch.ones_like(ids)).reshape(-1).bool()  # padded rows: garbage in both
         for j, b in enumerate(blocks):
             assert (b.router_logits - ref[f"{name}/{tag}/router{j}"])[keep].abs().max() <= 1e-6
         assert abs(float(aux) - float(ref[f"{name}/{tag}/aux"])) <= 1e-6
-        assert float(ours.router_loss(m)) == 0.0  # output_router_logits is off in config.json, as in HF training
+        assert float(nt.router_loss(ours, m)) == 0.0  # output_router_logits is off in config.json, as in HF training
+
+
+@pytest.mark.parametrize("name", MOES)
+def test_training_loss_with_router_aux_loss_matches_transformers(hf, name):
+    """config.json's output_router_logits on: train.py's loss is CE + router_aux_loss_coef * aux_loss per token,
+    transformers' labels= loss with output_router_logits=True."""
+    import train
+    work, ref = hf
+    ids, mask = _batch()
+    ours = load_pretrained(work / name)
+    ours.cfg.output_router_logits = True
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": None, "train_mask": _trained(mask)}
+    with torch.no_grad():
+        loss = train.loss_sum(ours, batch, torch.device("cpu")) / int(_trained(mask)[:, 1:].sum())
+        ce = train.loss_sum(load_pretrained(work / name), batch, torch.device("cpu")) / int(_trained(mask)[:, 1:].sum())
+    assert loss > ce  # the aux loss is in
+    assert abs(float(loss) - float(ref[name + "/loss"])) <= 1e-6 * float(loss)
 
 
 @pytest.mark.parametrize("name", KV)
@@ -198,8 +224,7 @@ def test_gemma2_full_finetune_curve_matches_transformers(hf, tmp_path):
     import train
     work, _ = hf
     ids, mask = _batch()
-    trained = mask.bool()
-    trained[1, 4] = False  # the left-padded row's first token: only a pad position would predict it
+    trained = _trained(mask)
     labels = ids.masked_fill(~trained, -100)
     model = load_pretrained(work / "gemma2").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
