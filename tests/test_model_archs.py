@@ -109,9 +109,10 @@ def test_logits_match_transformers(hf, name):
     with torch.no_grad():
         got_plain = ours(ids)
         got_mask = ours(ids, attention_mask=mask)
-    assert (got_plain - ref[name + "/plain"]).abs().max() <= 1e-5
     keep = mask.bool()  # padded positions are garbage in both and never used
-    assert (got_mask - ref[name + "/mask"])[keep].abs().max() <= 1e-5
+    err = (got_plain - ref[name + "/plain"]).abs().max(), (got_mask - ref[name + "/mask"])[keep].abs().max()
+    print(f"{name}: logits max-abs {err[0]:.1e} (no mask), {err[1]:.1e} (padding)")
+    assert max(err) <= 1e-5
 
 
 @pytest.mark.parametrize("name", MOES)
@@ -252,5 +253,6 @@ def test_gemma2_full_finetune_curve_matches_transformers(hf, tmp_path):
         save_file({{"losses": torch.tensor(losses, dtype=torch.float64)}}, "out.safetensors")
     """, tmp_path, {"ids": ids, "mask": mask, "labels": labels})["losses"]
     assert ref[-1] < ref[0] * 0.9  # it learns
+    print(f"gemma2 curve: max relative difference {max(abs(a - b) / b for a, b in zip(ours, ref.tolist())):.1e}")
     for a, b in zip(ours, ref.tolist()):
         assert abs(a - b) <= 1e-4 * abs(b), (ours, ref.tolist())
