@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import model as nt
-from model import KVCache, load_pretrained, save_pretrained
-from tests.reference import run_reference, tiny_hf_config
+from model import load_pretrained, save_pretrained
+from tests.reference import kv_cache_error, padded_batch, run_reference, tiny_hf_config
 
 T = 12
 MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
@@ -50,13 +50,7 @@ MOES = ("mixtral", "qwen2_moe", "qwen3_moe")
 KV = ("gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "llama-yarn")
 
 
-def _batch(T=T, vocab=128):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (3, T), generator=g)
-    mask = torch.ones(3, T, dtype=torch.long)
-    mask[1, :4] = 0   # left padding
-    mask[2, -5:] = 0  # right padding
-    return ids, mask
+_batch = padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +148,7 @@ def test_training_loss_with_router_aux_loss_matches_transformers(hf, name):
 
 @pytest.mark.parametrize("name", KV)
 def test_kv_cache_generation_equals_full_forward(hf, name):
-    model = load_pretrained(hf[0] / name)
-    ids, _ = _batch(T=10)
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(model.cfg.num_hidden_layers)
-        steps = [model(ids[:, :6], cache=cache)]
-        for t in range(6, 10):
-            steps.append(model(ids[:, t:t + 1], cache=cache))
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    assert kv_cache_error(load_pretrained(hf[0] / name)) <= 1e-5
 
 
 def test_saved_models_load_in_transformers(hf, tmp_path):
@@ -219,6 +205,7 @@ def test_unsupported_configs_are_one_line_errors(bad, msg):
     assert "\n" not in str(e.value) and str(e.value).startswith("x/config.json: ")
 
 
+@pytest.mark.slow
 def test_gemma2_full_finetune_curve_matches_transformers(hf, tmp_path):
     """10 AdamW steps of full fine-tuning through train.py's loss (soft-capped head and attention, sliding
     layers, padding): the loss curve equals transformers' (labels= loss, same optimizer) to 1e-4 relative."""

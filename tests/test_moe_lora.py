@@ -7,7 +7,6 @@ adapter in the per-expert layout (ours, `experts.<j>.w1.lora_A.weight`, the chec
 exactly at load time. It fuses w1/w3 LoRA into one rank-2r LoRA with a block-diagonal B, whose off-diagonal blocks
 then train too: that is another method than separate LoRAs, so the training curve is compared with LoRA on the
 attention and the experts' down projections (w2 / down_proj), which PEFT keeps per expert, rank r."""
-import json
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ ARCHS = {
 }
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 STEPS, LR = 10, 1e-2
+pytestmark = pytest.mark.slow  # HF PEFT's MoE conversion and two 10-step trainings: ~1 min on 2 cores
 
 
 def _train(m, steps=STEPS):
