@@ -172,6 +172,7 @@ def _rope(kw, d, mt, source):
     """rope_theta / rope_scaling from transformers 4's keys or 5's rope_parameters (nested per layer type for
     Gemma 3, whose rope_scaling applies to the global layers only), and Phi-3's partial_rotary_factor."""
     rope = checks.expect(d.get("rope_parameters") or {}, dict, source, "rope_parameters")
+    checks.expect(d.get("rope_scaling"), dict | None, source, "rope_scaling")
     local = None
     if mt == "gemma3_text":
         if "full_attention" in rope or "sliding_attention" in rope:
