@@ -233,11 +233,12 @@ def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
                    position_ids=_to(batch["position_ids"], device), hidden_only=True)   # (B, T, D)
     sel = batch["train_mask"][:, 1:].to(device)                                      # (B, T-1): token t+1 trained
     h, y = hidden[:, :-1][sel], ids[:, 1:][sel]                                      # (N, D), (N,)
+    aux = M.router_loss(model, batch["attention_mask"]) * len(y)  # MoE: the router's aux loss (0 if dense / off)
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
-        return ChunkedCE.apply(h, head.weight, y, chunk, dtype), {}
-    total = 0.0  # a wrapped lm_head (e.g. LoRA on lm_head): plain chunks
+        return ChunkedCE.apply(h, head.weight, y, chunk, dtype) + aux, {}
+    total = aux  # a wrapped lm_head (e.g. LoRA on lm_head): plain chunks
     for i in range(0, h.shape[0], chunk):
         total = total + nn.functional.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")
     return total, {}

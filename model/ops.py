@@ -38,19 +38,38 @@ def gemm_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(gemm_dtype(dtype, t.device))
 
 
-def attention(q, k, v, mask):
-    """Causal (mask None) or masked SDPA with grouped K/V heads. Under bf16/fp16 autocast on a CPU without
-    half-precision matrix units, the kernel runs in fp32 on rounded operands (see gemm_dtype) and the output is
-    rounded back, instead of the CPU's slower bf16 kernel (docs/train.md)."""
+def attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
+    """Causal (mask None) or masked SDPA with grouped K/V heads; `scale` defaults to head_dim^-1/2. Under bf16/fp16
+    autocast on a CPU without half-precision matrix units, the kernel runs in fp32 on rounded operands (see
+    gemm_dtype) and the output is rounded back, instead of the CPU's slower bf16 kernel (docs/train.md).
+    softcap: Gemma 2's soft-capped logits c * tanh(q.k / c), which SDPA can't do: the scores are formed
+    explicitly then (HF's eager path, fp32 softmax)."""
     dev = q.device
     amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     gqa = k.shape[1] != q.shape[1]
+    if softcap is not None:
+        return _softcapped(q, k, v, mask, scale, softcap)
     if amp is not None and gemm_dtype(amp, dev) != amp:
         with torch.autocast(dev.type, enabled=False):
             q, k, v = (gemm_operand(t, amp) for t in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                                   enable_gqa=gqa).to(amp)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def _softcapped(q, k, v, mask, scale, cap):
+    """softmax(mask(c tanh(q k^T s / c))) v with the (B, nh, T, S) scores formed explicitly."""
+    T, S = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)     # (B, nh, S, hd)
+    scores = (q @ k.transpose(2, 3)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:  # plain causal: query i (at position S - T + i) sees keys up to it
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
 
 
 class ChunkedCE(torch.autograd.Function):

@@ -20,8 +20,10 @@ from .core import export_state, import_state  # noqa: F401  (the package's save/
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for our models
 DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-                   "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"]}
-DEFAULT_FEEDFORWARD = ["down_proj"]
+                   "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"],
+                   "mixtral": ["k_proj", "v_proj", "w2"], "gemma": ["q_proj", "v_proj", "down_proj"],
+                   "gemma2": ["q_proj", "v_proj", "down_proj"], "gemma3_text": ["q_proj", "v_proj", "down_proj"]}
+DEFAULT_FEEDFORWARD = ["down_proj", "w2"]  # (w2: Mixtral's experts)
 
 
 @dataclass

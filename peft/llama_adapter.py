@@ -115,6 +115,9 @@ CONFIGS = (LlamaAdapterConfig,)
 def apply(model, cfg: LlamaAdapterConfig):
     """Freeze `model` and swap the top layers' self_attn for AdaptedAttention (in place; returns model)."""
     layers = _layers(model, cfg)
+    if model.cfg.fused_qkv or model.cfg.attn_softcap is not None:
+        raise ValueError(f"LlamaAdapter: not supported for model_type {model.cfg.model_type} (fused qkv_proj or "
+                         f"soft-capped attention)")
     model.requires_grad_(False)
     for layer in layers:
         if isinstance(layer.self_attn, AdaptedAttention):

@@ -155,7 +155,7 @@ class LoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x if xd is None else xd, A, B, xa)
         ctx.layer, ctx.s, ctx.dtype, ctx.separate = layer, s, dtype, xd is not None
         ctx.has_bias = bias is not None
-        return y.to(dtype).view(*shape[:-1], -1)
+        return y.to(dtype).view(*shape[:-1], y.shape[-1])  # (an MoE expert may get 0 tokens)
 
     @staticmethod
     def backward(ctx, g):
@@ -169,9 +169,9 @@ class LoraFunction(torch.autograd.Function):
             gx = g2 @ gemm_operand(ctx.layer.compute_weight(dtype), dtype)  # (N, in)
             if not ctx.separate:
                 gx.addmm_(gb, a, alpha=s)
-            gx = gx.to(dtype).view(*g.shape[:-1], -1)
+            gx = gx.to(dtype).view(*g.shape[:-1], gx.shape[-1])
         if ctx.separate and ctx.needs_input_grad[1]:
-            gxd = (s * (gb @ a)).to(dtype).view(*g.shape[:-1], -1)
+            gxd = (s * (gb @ a)).to(dtype).view(*g.shape[:-1], a.shape[-1])
         xd2 = gemm_operand(xd.reshape(-1, xd.shape[-1]), dtype)
         gA = (gb.t() @ xd2).mul_(s).to(A.dtype)                             # (r, in)
         gB = (xa.t() @ g2).mul_(s).t().contiguous().to(B.dtype)             # (out, r)

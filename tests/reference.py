@@ -74,3 +74,27 @@ def make_hf_model(workdir, config: dict, dtype: str = "float32", seed: int = 0) 
     """, workdir)
     return out
 
+
+
+def padded_batch(T: int = 12, vocab: int = 128):
+    """Token ids (3, T) and a padding mask: row 0 full, row 1 left-padded by 4, row 2 right-padded by 5."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, T), generator=g)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, :4] = 0   # left padding
+    mask[2, -5:] = 0  # right padding
+    return ids, mask
+
+
+def kv_cache_error(model, T: int = 10, prefill: int = 6) -> float:
+    """Max-abs difference between the logits of KV-cache decoding (a prefill, then one token at a time) and of one
+    full forward, on padded_batch's ids."""
+    from model import KVCache
+    ids, _ = padded_batch(T)
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.cfg.num_hidden_layers)
+        steps = [model(ids[:, :prefill], cache=cache)]
+        for t in range(prefill, T):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    return (torch.cat(steps, 1) - full).abs().max().item()

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from model import KVCache, load_pretrained, save_pretrained
-from tests.reference import run_reference, tiny_hf_config
+from model import load_pretrained, save_pretrained
+from tests.reference import kv_cache_error, padded_batch, run_reference, tiny_hf_config
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -22,13 +22,7 @@ CONFIGS = {
 }
 
 
-def _batch(T=12, vocab=128):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (3, T), generator=g)
-    mask = torch.ones(3, T, dtype=torch.long)
-    mask[1, :4] = 0   # left padding
-    mask[2, -5:] = 0  # right padding
-    return ids, mask
+_batch = padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +66,7 @@ def test_logits_match_transformers(hf, name):
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mistral-window"])
 def test_kv_cache_generation_equals_full_forward(hf, name):
-    model = load_pretrained(hf[0] / name)
-    ids, _ = _batch(T=10)
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(model.cfg.num_hidden_layers)
-        steps = [model(ids[:, :6], cache=cache)]
-        for t in range(6, 10):
-            steps.append(model(ids[:, t:t + 1], cache=cache))
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    assert kv_cache_error(load_pretrained(hf[0] / name)) <= 1e-5
 
 
 def test_saved_model_loads_in_transformers(hf, tmp_path):
