@@ -48,6 +48,8 @@ def check_flags(cfg) -> str | None:
         return str(e)
     if probs and cfg.mix != "interleave":
         return "--mix-probs needs --mix interleave"
+    if getattr(cfg, "stage", "sft") != "sft" and cfg.truncation != "auto":
+        return f"--truncation {cfg.truncation}: not with --stage {cfg.stage} (pairs always keep their start)"
     if getattr(cfg, "stream", False) and getattr(cfg, "stage", "sft") != "sft":
         return f"--stream: not with --stage {cfg.stage} (pairs are tokenised up front)"
     if getattr(cfg, "stream", False) and (not cfg.max_steps or cfg.eval_split):

@@ -144,6 +144,8 @@ def test_dpo_loss_is_per_pair_across_micro_batches_and_ranks(setup, tmp_path):
 
 def test_preference_flags_are_checked_before_anything_is_written(setup, tmp_path):
     for extra, msg in ((["--pack"], "--pack: not with --stage dpo"),
+                       (["--truncation", "keep-end"], "--truncation keep-end: not with --stage dpo"),
+                       (["--stream", "--max-steps", "2"], "--stream: not with --stage dpo"),
                        (["--beta", "0"], "--beta 0.0: expected a number > 0"),
                        (["--pref-loss", "hinge"], "--pref-loss 'hinge': expected one of sigmoid, robust, ipo, simpo, orpo")):
         with pytest.raises(SystemExit, match=msg):
