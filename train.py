@@ -31,7 +31,7 @@ import model as M
 import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
-                      remove_partial, resume, same_on_all_ranks, save_checkpoint)
+                      make_scheduler, remove_partial, resume, same_on_all_ranks, save_checkpoint, trajectory)
 from model import preference
 from model.ops import ChunkedCE, native_half_gemm
 from model.progress import progress, quiet, stage, write
@@ -294,21 +294,6 @@ def make_optimizer(model, cfg: TrainConfig):
     return AllReduceAdamW(model, groups, fp16=cfg.precision == "fp16", **kw)
 
 
-def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warmup from 0, then cosine / linear decay to 0 or constant (HF's get_*_schedule_with_warmup).
-    `optimizer` is the torch AdamW inside AllReduceAdamW / ZeroOptimizer (`.optimizer`)."""
-    def factor(step):
-        if step < cfg.warmup:
-            return step / max(1, cfg.warmup)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # --------------------------------------------------------------------------------------------------- data
 @torch.no_grad()
 def evaluate(model, examples, cfg: TrainConfig, device, pad_id, reference=None) -> float:
@@ -356,21 +341,6 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def trajectory(cfg: TrainConfig, world: int, model) -> dict:
-    """The settings a run's trajectory depends on: saved with each checkpoint, checked by --resume, compared
-    across ranks. Not: where it writes, how long it runs (--max-steps / --epochs may extend a run), evaluation,
-    logging and saving cadence, nor how the same update is computed (micro-batches x ranks of one global batch,
-    ZeRO, recomputation)."""
-    skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "save_every", "keep", "resume",
-            "resume_override", "merge", "log_every", "quiet", "config", "collective_timeout", "method_args",
-            "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
-    d = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    d["data"] = data.fingerprint(cfg)  # every file (directories, dataset_info.json) with its size and hash
-    pcfg = getattr(model, "peft_config", None)
-    return {**d, "method_config": pcfg.to_json() if pcfg else None,
-            "global_batch": cfg.batch_size * cfg.grad_accum * world}
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     # torchrun's environment -> process group (gloo on CPU, nccl on GPU) with a timeout, so a dead rank makes the
@@ -400,7 +370,7 @@ def main(argv=None):
     ctx = peft.unwrap(model).cfg.max_position_embeddings
     if cfg.seq_len > ctx and rank == 0:
         print(f"warning: --seq-len {cfg.seq_len} exceeds the model's context ({ctx} positions)", file=sys.stderr)
-    traj = trajectory(cfg, world, model)
+    traj = trajectory(cfg, world, model, data.fingerprint(cfg))
     same_on_all_ranks(traj)  # e.g. no rank reading another --data
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     order = data.make_order(train_ex, cfg.batch_size * cfg.grad_accum * world, cfg.seed, bucket=not cfg.pack)
@@ -485,7 +455,8 @@ def main(argv=None):
             where = save_final(out, model, cfg, tok)
             log.close("finished")  # loss.png, report.md
             print(f"saved {where}", flush=True)
-    if world > 1:
+    if world > 1:  # leave together: a rank tearing gloo down while rank 0 still saves aborted (CI, once)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return out
 

@@ -23,7 +23,9 @@ import random
 import shutil
 import signal
 import sys
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -185,6 +187,36 @@ def resume(out: Path, traj: dict, optimizer, scheduler, lr: float, allowed=()) -
     if complete_checkpoints(out):
         raise SystemExit(f"error: {out}: none of its checkpoints could be loaded")
     return 0
+
+
+def trajectory(cfg, world: int, model, fingerprint: dict) -> dict:
+    """The settings a run's trajectory depends on: saved with each checkpoint, checked by --resume, compared
+    across ranks. Not: where it writes, how long it runs (--max-steps / --epochs may extend a run), evaluation,
+    logging and saving cadence, nor how the same update is computed (micro-batches x ranks of one global batch,
+    ZeRO, recomputation)."""
+    skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "save_every", "keep", "resume",
+            "resume_override", "merge", "log_every", "quiet", "config", "collective_timeout", "method_args",
+            "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
+    d = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    d["data"] = fingerprint  # data.fingerprint: every file (directories, dataset_info.json) with its size and hash
+    pcfg = getattr(model, "peft_config", None)
+    return {**d, "method_config": pcfg.to_json() if pcfg else None,
+            "global_batch": cfg.batch_size * cfg.grad_accum * world}
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    """Linear warmup from 0, then cosine / linear decay to 0 or constant (HF's get_*_schedule_with_warmup).
+    `optimizer` is the torch AdamW inside AllReduceAdamW / ZeroOptimizer (`.optimizer`)."""
+    def factor(step):
+        if step < cfg.warmup:
+            return step / max(1, cfg.warmup)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def same_on_all_ranks(traj: dict):
