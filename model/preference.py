@@ -157,14 +157,19 @@ def reference(model, device, copy: bool = False, disabled=None):
 REFERENCE_FREE = ("simpo", "orpo")  # --pref-loss values that need no reference model
 
 
+def rows(batch: dict, a: int, b: int) -> dict:
+    """Rows [a, b) of a collated batch (its (B, T) tensors; the rest as is)."""
+    return {k: v[a:b] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+
+
 def loss_sum(model, batch, device, cfg, reference):
     """Sum of this micro-batch's per-pair (DPO stage) or per-example (KTO stage) losses, and sums of the logged
     metrics (TRL's names). train.py divides both by the global pair / example count, as the SFT loss by the
     global token count. reference(batch) -> the reference model's completion log-probs of every row (B,), under
     no_grad. cfg: train.py's config (stage, pref_loss, beta, label_smoothing, simpo_gamma, kto_*_weight)."""
-    lp, n = completion_logps(model, batch, device)                              # (B,), (B,)
-    n = n.to(lp.dtype)
     if "pairs" in batch:
+        lp, n = completion_logps(model, batch, device)                          # (2P,), (2P,)
+        n = n.to(lp.dtype)
         p = batch["pairs"]
         pc, pr, nc, nr = lp[:p], lp[p:], n[:p], n[p:]
         ref = None if cfg.pref_loss in REFERENCE_FREE else reference(batch)
@@ -182,12 +187,13 @@ def loss_sum(model, batch, device, cfg, reference):
         return losses.sum(), {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(),
                               "rewards/margins": (rw - rl).sum(), "rewards/accuracies": (rw > rl).float().sum()}
     k = batch["examples"]  # KTO: rows [0, k) are the examples, [k, 2k) the mismatched KL rows
-    with torch.no_grad():
-        ref = reference(batch)
+    lp, _ = completion_logps(model, rows(batch, 0, k), device)                  # (k,)
+    with torch.no_grad():  # the KL rows get no gradient: a forward of their own, no graph kept for them
+        ref = reference(batch)                                                  # (2k,)
         # z0: the KL rows' mean log-ratio, per micro-batch, clamped at 0 and not differentiated
-        kl = (lp[k:].detach() - ref[k:]).mean().clamp(min=0)
+        kl = (completion_logps(model, rows(batch, k, 2 * k), device)[0] - ref[k:]).mean().clamp(min=0)
     desirable = batch["desirable"].to(device)
-    losses, r = kto(lp[:k], ref[:k], desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+    losses, r = kto(lp, ref[:k], desirable, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
     # TRL's KTO rewards are means over the desirable / undesirable examples: "_n/" sums are those counts
     return losses.sum(), {"rewards/chosen": r[desirable].sum(), "rewards/rejected": r[~desirable].sum(), "kl": kl * k,
                           "_n/rewards/chosen": desirable.sum(), "_n/rewards/rejected": (~desirable).sum()}
