@@ -116,9 +116,10 @@ def macro_f1(pred, y, k: int) -> float:
     out (as scikit-learn's f1_score(average="macro", labels=present classes))."""
     f1 = []
     for c in range(k):
-        tp, fp, fn = ((pred == c) & (y == c)).sum(), ((pred == c) & (y != c)).sum(), ((pred != c) & (y == c)).sum()
+        tp, fp, fn = (int(((pred == c) & (y == c)).sum()), int(((pred == c) & (y != c)).sum()),
+                      int(((pred != c) & (y == c)).sum()))
         if tp + fp + fn:
-            f1.append(float(2 * tp / (2 * tp + fp + fn)))
+            f1.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1) / max(len(f1), 1)
 
 
