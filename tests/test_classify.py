@@ -302,3 +302,26 @@ def test_sft_adapter_refuses_a_head_and_vice_versa(ref, tmp_path):
     peft.save_adapter(m, tmp_path / "sft")
     with pytest.raises(ValueError, match="no score.weight"):
         predict.load(ref["base"], str(tmp_path / "sft"))
+
+
+def test_reward_run_reports_pair_accuracy_and_saves_a_transformers_classifier(tmp_path):
+    base = make_model(tmp_path / "m", seed=1)
+    pairs = [{"prompt": "q" * (1 + i % 3), "chosen": "good", "rejected": "bad" * (1 + i % 2)} for i in range(12)]
+    f = write_jsonl(tmp_path / "pref.jsonl", pairs)
+    train.main(["--model", str(base), "--data", str(f), "--eval-data", str(f), "--out", str(tmp_path / "rw"),
+                "--task", "reward", "--method", "full", "--max-steps", "3", "--eval-every", "3", "--quiet"])
+    recs = [json.loads(x) for x in (tmp_path / "rw" / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in recs if "eval_accuracy" in r]
+    assert len(ev) == 1 and 0 <= ev[0]["eval_accuracy"] <= 1 and "eval_macro_f1" not in ev[0]
+    m = classify.load(tmp_path / "rw" / "model")
+    assert m.score.weight.shape == (1, 32)
+    (out,) = predict.main(["--model", str(tmp_path / "rw" / "model"), "--text", "qgood"])
+    assert set(out) == {"text", "score"}
+
+
+def test_predict_cli_labels_and_data_accuracy(ref, capsys):
+    x = predict.main(["--model", str(ref["base"]), "--adapter", str(ref["dir"] / "run" / "adapter"),
+                      "--data", str(ref["dir"] / "train.jsonl"), "--text", "good fun"])
+    assert x[0]["label"] in ("neg", "pos") and abs(sum(x[0]["probabilities"].values()) - 1) < 1e-5
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["examples"] == 48 and 0 <= line["accuracy"] <= 1
