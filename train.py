@@ -32,7 +32,7 @@ import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
                       make_scheduler, remove_partial, resume, same_on_all_ranks, save_checkpoint, trajectory)
-from model import preference
+from model import classify, preference
 from model.ops import ChunkedCE, native_half_gemm
 from model.progress import progress, quiet, stage, write
 from model.sampling import generate
@@ -45,6 +45,8 @@ class TrainConfig:
     out: str = "runs/train"
     method: str = "lora"                  # full | qlora | a name from peft's method table
     stage: str = "sft"                    # sft (chats, raw text) | dpo (chosen/rejected pairs) | kto (labelled)
+    task: str = "causal_lm"               # causal_lm | classify (text -> label) | reward (scores chosen > rejected)
+    labels: str = ""                      # --task classify: the label set, comma-separated ("": from the data)
     pref_loss: str = "sigmoid"            # --stage dpo: sigmoid (DPO) | robust | ipo | simpo | orpo
     beta: float = 0.1                     # DPO / IPO / KTO / SimPO beta; ORPO's lambda
     label_smoothing: float = 0.0          # eps: cDPO (sigmoid), robust DPO (< 0.5), SimPO
@@ -159,6 +161,8 @@ def parse_args(argv=None) -> TrainConfig:
         sys.exit(f"error: --zero {cfg.zero}: expected 0 (plain data parallel), 1, 2 or 3")
     if cfg.offload and not cfg.zero:
         sys.exit("error: --offload needs --zero 1, 2 or 3 (it offloads the ZeRO optimizer's state)")
+    if bad := classify.check_flags(cfg):  # --task, and what it doesn't combine with
+        sys.exit(f"error: {bad}")
     if cfg.pack and cfg.stage != "sft":
         sys.exit(f"error: --pack: not with --stage {cfg.stage} (each pair or example is scored as its own row)")
     if cfg.precompute_ref and cfg.stage != "dpo":
@@ -226,6 +230,8 @@ def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
     """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar) and the
     metrics' sums ({} for SFT); preference batches: the sum of their pair / example losses (model/preference.py).
     chunk: positions per (chunk, vocab) logits block, the forward's largest transient (README: benchmarks)."""
+    if cfg is not None and cfg.task != "causal_lm":  # a classification / reward head (model/classify.py)
+        return classify.loss_sum(model, batch, device, cfg)
     if "pairs" in batch or "examples" in batch:
         return preference.loss_sum(model, batch, device, cfg, reference)
     ids = batch["input_ids"].to(device)
@@ -335,7 +341,7 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
             except ValueError as e:  # a method that can't be merged (bottleneck adapters, prompt methods)
                 print(f"warning: --merge: {e}; only the adapter was saved", file=sys.stderr)
     if merged is not None:
-        M.save_pretrained(merged, out / "model")
+        classify.save_pretrained(merged, out / "model")  # M.save_pretrained; with a head: HF's classifier format
         tok.save(out / "model")
     return where
 
@@ -356,12 +362,14 @@ def main(argv=None):
         check_out(out, cfg.model)  # ours to write? (nothing is written before the data and model are good)
         lock = claim_out(out) if rank == 0 and (out / MARKER).is_file() else None  # an earlier run's dir
         tok = M.load_tokenizer(cfg.model)
-        train_ex, eval_ex, stats = data.load_splits(tok, cfg, verbose=rank == 0)
+        splits = data.load_splits if cfg.task == "causal_lm" else data.classify.load_splits  # + cfg.labels
+        train_ex, eval_ex, stats = splits(tok, cfg, verbose=rank == 0)
         if not cfg.resume and complete_checkpoints(out):
             sys.exit(f"error: {out}: holds checkpoints from an earlier run; pass --resume or another --out")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model = build_model(cfg, device)  # bad method options (unknown target module, r <= 0, ...) raise here
+        classify.attach_task(model, cfg, tok)  # --task classify | reward: the score head (trained by any method)
         if cfg.zero == 3 and model is not peft.unwrap(model):
             sys.exit(f"error: --zero 3 shards the decoder's blocks, but --method {cfg.method} trains only its small "
                      "prompt encoder (the base is frozen): use --zero 1 or 2")
@@ -429,7 +437,11 @@ def main(argv=None):
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.log(rec)
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and evaluator and eval_ex:
+        due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and evaluator and eval_ex
+        if due and cfg.task != "causal_lm":  # a head's loss, accuracy (+ macro-F1): model/classify.py
+            log.log(classify.evaluate(model, data.classify.batches(eval_ex, cfg.batch_size, pad_id), cfg, device,
+                                      precision(cfg, device), step + 1, rank == 0))
+        elif due:
             ev = evaluate(model, eval_ex, cfg, device, pad_id, reference)
             samples = sample_answers(model, tok, stats["prompts"], cfg, device)
             log.log({"step": step + 1, "eval_loss": ev, "eval_ppl": math.exp(min(ev, 50)), "samples": samples})

@@ -125,6 +125,8 @@ def collate(examples: list, pad_id: int) -> dict:
         valid[b, :n] = True
     out = {"input_ids": ids, "train_mask": mask, "labels": torch.where(mask, ids, -100), "position_ids": None,
            "attention_mask": None if valid.all() else valid.long()}
+    if getattr(examples[0], "label", None) is not None:  # --task classify (data/classify.py): one target per row
+        out.update(class_labels=torch.tensor([e.label for e in examples]), examples=B)
     if examples[0].seg is not None:
         seg = torch.full((B, T), -1, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)

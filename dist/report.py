@@ -306,7 +306,8 @@ def write_report(out: Path) -> Path:
                   f"{low['step']})")]
     if evals:
         e = evals[-1]
-        rows += [("eval loss", f"{g(e['eval_loss'])} (perplexity {g(e['eval_ppl'])}) at step {e['step']}")]
+        ppl = f" (perplexity {g(e['eval_ppl'])})" if "eval_ppl" in e else ""  # not for a classifier's loss
+        rows += [("eval loss", f"{g(e['eval_loss'])}{ppl} at step {e['step']}")]
     for k in extra_keys(recs):
         r = [x for x in recs if _number(x.get(k))][-1]
         rows += [(k, f"{g(r[k])} at step {r['step']}")]
@@ -343,7 +344,7 @@ def write_report(out: Path) -> Path:
         L += ["Warnings:" if data["warnings"] else "Warnings: none.", *[f"- {w}" for w in data["warnings"]], ""]
     if evals:
         L += ["## Evaluation", "", "| step | eval loss | perplexity |", "|---|---|---|"]
-        L += [f"| {e['step']} | {g(e['eval_loss'])} | {g(e['eval_ppl'])} |" for e in evals] + [""]
+        L += [f"| {e['step']} | {g(e['eval_loss'])} | {g(e.get('eval_ppl', math.nan))} |" for e in evals] + [""]
         samples = evals[-1].get("samples") or []
         if samples:
             L += [f"Sample answers at step {evals[-1]['step']} (greedy):", ""]

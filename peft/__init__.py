@@ -62,6 +62,16 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 MODULES = (lora, ia3, bitfit, adapters, prefix, prompt, llama_adapter, adalora, mam, unipelt)
 
 
+HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save (the head is `score` in LLaMA-family models)
+
+
+def head_key(cfg) -> str:
+    """The adapter key of a classification head's weight: under PeftModel.base_model (the HF model itself for
+    prompt learning, LoraModel & co. holding it as .model otherwise)."""
+    prompt_learning = isinstance(cfg, (PrefixConfig, PromptConfig, PTuningConfig))
+    return ("base_model." if prompt_learning else core.PEFT_PREFIX) + "score.weight"
+
+
 def _method(cfg):
     """The module that implements `cfg`'s method."""
     for m in MODULES:
@@ -130,6 +140,8 @@ def config_from_json(d: dict, source: str = CONFIG_FILE):
     t = d.get("peft_type")
     if not isinstance(t, str) or t not in by_type:
         raise ValueError(f"{source}: unknown peft_type {t!r} (supported: {', '.join(by_type)})")
+    if d.get("task_type") == "SEQ_CLS":  # PEFT lists the classifier head in modules_to_save: the head is ours
+        d = {**d, "modules_to_save": [m for m in d.get("modules_to_save") or () if m not in HEAD_NAMES] or None}
     return by_type[t].from_json(d, source)
 
 
@@ -159,7 +171,7 @@ def check_adapter(model: nn.Module, cfg, wfile):
             dry = method.apply(Transformer(unwrap(model).cfg), copy.deepcopy(cfg))
         except ValueError as e:  # settings that don't fit this base (a target it lacks, more layers than it has)
             raise ValueError(f"{wfile.parent / CONFIG_FILE}: {e}") from None
-        stored = {k: torch.empty(shape) for k, shape in stored_shapes(wfile).items()}
+        stored = {k: torch.empty(shape) for k, shape in stored_shapes(wfile).items() if k != head_key(cfg)}
     need = sum(p.numel() * p.element_size() for p in dry.parameters() if p.requires_grad)  # what apply allocates
     method.import_state(dry, stored, str(wfile))  # first: a shape names the tensor (and drops P-tuning's encoder)
     if need > checks.memory_bytes():
@@ -210,8 +222,14 @@ def save_adapter(model: nn.Module, path, base_model_path: str | None = None) -> 
     if base_model_path is not None:
         cfg.base_model_name_or_path = str(base_model_path)
     with atomic_dir(path) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-        sd = {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
+        d, sd = cfg.to_json(), {k: v.cpu() for k, v in _method(cfg).export_state(model).items()}
+        head = getattr(unwrap(model), "score", None)
+        if head is not None:  # a classification / reward head (model/classify.py): PEFT's SEQ_CLS modules_to_save
+            d.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_NAMES))
+            sd[head_key(cfg)] = head.weight.detach().float().cpu().contiguous()
+            (tmp / "head.json").write_text(json.dumps({"labels": unwrap(model).labels,
+                                                       "pad_token_id": unwrap(model).pad_token_id}) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
         save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if hasattr(_method(cfg), "save_extra"):  # files beside PEFT's, e.g. the P-tuning encoder (peft/prompt.py)
             _method(cfg).save_extra(model, tmp)
@@ -224,7 +242,15 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     cfg, wfile = read_adapter(path)
     check_adapter(model, cfg, wfile)
     model = apply(model, cfg)
-    _method(cfg).import_state(model, read_safetensors(wfile), str(wfile))
+    sd, head = read_safetensors(wfile), getattr(unwrap(model), "score", None)
+    if (head_key(cfg) in sd) != (head is not None):
+        raise ValueError(f"{wfile}: " + ("holds a classification head (score.weight): load it with python -m "
+                                         "model.classify" if head is None else "has no score.weight for the "
+                                         "model's classification head"))
+    if head is not None:
+        with torch.no_grad():
+            head.weight.copy_(sd.pop(head_key(cfg)))
+    _method(cfg).import_state(model, sd, str(wfile))
     if hasattr(_method(cfg), "load_extra"):
         _method(cfg).load_extra(model, Path(path))
     return model

@@ -67,11 +67,11 @@ def matches(name: str, targets) -> bool:
 def find_targets(model: nn.Module, targets, what: str = "targets") -> list[str]:
     """Names of the linear modules selected by `targets`, with HF PEFT's matching rules:
     a list of names matches a module whose full name equals one or ends with "." + it; a str is a regex that
-    must match the full name (re.fullmatch); "all-linear" is every linear except the output head (lm_head).
+    must match the full name (re.fullmatch); "all-linear" is every linear except the output head (lm_head, or a classifier's score).
     A listed name that matches nothing is a one-line error listing the names that exist."""
     linears = [n for n, m in model.named_modules() if n and is_linear(m)]
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        out = [n for n in linears if n != "lm_head"]
+        out = [n for n in linears if n not in ("lm_head", "score")]  # score: a classification head (PEFT SEQ_CLS)
     elif isinstance(targets, str):
         out = [n for n in linears if matches(n, targets)]
         if not out:
