@@ -120,7 +120,9 @@ class ZeroOptimizer:
         self.optimizer = torch.optim.AdamW(seg_groups, fused=fused)
         self.step_count, self._reduced, self._next, self._in_backward = 0, False, 0, False
         self._pending, self._staged = collections.deque(), []
-        self.peak = {"grads": 0, "params": 0}  # transient bytes seen during backward / stage 3 gathers
+        self.peak = {"grads": 0, "params": 0, "frozen": 0}  # transient bytes: backward / stage 3 gathers
+        # stage 3 partitions the frozen tensors (LoRA/QLoRA's base) too: gathered with their unit, never reduced
+        self.frozen = zero3.shard_frozen(model, self.world, self.rank) if stage == 3 else []
         if stage == 3:
             self.gatherer = zero3.Gatherer(self, model)
 
@@ -232,6 +234,8 @@ class ZeroOptimizer:
             b.ready = 0
             if b.sharded:
                 zero3.free(b)
+        for b in self.frozen:  # those whose unit's input needs no gradient (the first block under LoRA)
+            zero3.free(b)
         self._next, self._in_backward = 0, False
 
     # ---- step ----
@@ -296,6 +300,8 @@ class ZeroOptimizer:
                 zero3.free(b)  # a unit left gathered (e.g. by a no-grad forward) must be re-gathered
             else:
                 collective("all_gather", b.full, shard)
+        for b in self.frozen:  # e.g. the LM head, gathered by a no-grad forward's final norm
+            zero3.free(b)
 
     def zero_grad(self, set_to_none: bool = True):
         """Zero the gradient buffers (they are flat and reused, so `set_to_none` is accepted and ignored)."""
@@ -313,8 +319,9 @@ class ZeroOptimizer:
                     for b in self.buckets)
         grads += sum(p.grad.nbytes for b in self.buckets for p in b.params if self.stage > 1 and p.grad is not None)
         optim = sum(t.nbytes for s in self.optimizer.state.values() for k, t in s.items() if k != "step")
+        frozen = sum(b.full.untyped_storage().nbytes() + b.shard_param.nbytes for b in self.frozen)
         return {"params": params, "grads": grads, "master": sum(b.master.nbytes for b in self.buckets),
-                "optim": optim}
+                "optim": optim, "frozen": frozen}
 
     @torch.no_grad()
     def finite(self) -> bool:

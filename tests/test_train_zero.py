@@ -82,7 +82,7 @@ train.save_checkpoint = save
 
 
 def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
-    """LoRA with ZeRO-3 (frozen base not sharded, LoRA weights sharded per block), eval on every rank: killed
+    """LoRA with ZeRO-3 (frozen base and LoRA weights sharded per block), eval on every rank: killed
     right after the step-4 checkpoint, resumed to step 8: the 8 losses, the eval losses and the adapter equal
     the uninterrupted plain 1-process run."""
     d = setup["dir"]
