@@ -40,6 +40,21 @@ def predicted_bytes(stage: int, psi: int, world: int, compute_bytes: int = 2) ->
             "master": 4 * psi // world, "optim": 8 * psi // world}
 
 
+def plan_buckets(model, named, stage: int, bucket_numel: int) -> list[tuple[list[str], bool]]:
+    """Buckets as (trainable param names, sharded): stage 3 one per unit (zero3.plan_units), else runs of
+    about bucket_numel elements in reverse registration order (~ the order gradients become ready)."""
+    if stage == 3:
+        return zero3.plan_units(model, named)
+    plan, cur, size = [], [], 0
+    for n, p in reversed(named):
+        if cur and size + p.numel() > bucket_numel:
+            plan.append((cur, False))
+            cur, size = [], 0
+        cur.append(n)
+        size += p.numel()
+    return plan + [(cur, False)]
+
+
 @contextlib.contextmanager
 def num_threads(n: int | None):
     old = torch.get_num_threads()
@@ -82,17 +97,8 @@ class ZeroOptimizer:
         hyper, group_of = self._groups(named, groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.names = [n for n, _ in named]
 
-        if stage == 3:
-            plan = zero3.plan_units(model, named)
-        else:  # reverse registration order ~ the order gradients become ready in backward
-            plan, cur, size = [], [], 0
-            for n, p in reversed(named):
-                if cur and size + p.numel() > bucket_numel:
-                    plan.append((cur, False))
-                    cur, size = [], 0
-                cur.append(n)
-                size += p.numel()
-            plan.append((cur, False))
+        self.bucket_numel = bucket_numel  # the ledger (dist/ledger.py) re-plans the buckets from it
+        plan = plan_buckets(model, named, stage, bucket_numel)
         params = dict(named)
         self.buckets = [Bucket(ns, [params[n] for n in ns], [group_of[n] for n in ns], self.world, self.rank, sh)
                         for ns, sh in plan]

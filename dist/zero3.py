@@ -58,11 +58,9 @@ def frozen_tensors(m) -> list[tuple[str, torch.nn.Module, str, torch.Tensor]]:
     return out
 
 
-@torch.no_grad()
-def shard_frozen(model, world: int, rank: int) -> list[Bucket]:
-    """Partition every unit's frozen tensors into sharded buckets (one per unit, kind and dtype); the model's
-    tensors become views of the buckets' `full`, which is freed now. Each rank keeps its slice of its own copy
-    (no broadcast: every rank loaded the same frozen weights)."""
+def plan_frozen(model) -> list[tuple[int, list, int]]:
+    """Stage 3's frozen buckets as (unit index, [(owner, attribute, tensor)], align): one per unit, kind and
+    dtype; NF4 codes aligned to whole blocks (blocksize / 2 bytes) when every layer is whole blocks."""
     seen, out = set(), []
     for u, m in enumerate(unit_modules(model)):
         groups = {}
@@ -72,22 +70,31 @@ def shard_frozen(model, world: int, rank: int) -> list[Bucket]:
                 groups.setdefault((kind, t.dtype), []).append((sub, attr, t))
         for (kind, _), items in groups.items():
             subs = [s for s, _, _ in items]
-            # NF4 codes: a shard is whole blocks (blocksize / 2 bytes) when every layer is whole blocks
             aligned = kind == "packed" and len({s.blocksize for s in subs}) == 1 and all(
                 (s.out_features * s.in_features) % s.blocksize == 0 for s in subs)
-            ts = [t for _, _, t in items]
-            b = Bucket([f"{u}.{a}" for _, a, _ in items], ts, [0] * len(ts), world, rank, sharded=True,
-                       align=subs[0].blocksize // 2 if aligned else 1)
-            b.full = b.flatten(ts, ts[0].dtype, ts[0].device)
-            for j, ((sub, attr, t), v) in enumerate(zip(items, b.views(b.full))):
-                if isinstance(t, torch.nn.Parameter):
-                    t.data = v  # the same Parameter object wherever it is tied
-                else:  # a buffer is replaced by the view: the bucket tracks the tensor the module now holds
-                    sub._buffers[attr] = b.params[j] = v
-            b.shard_param = b.full[b.lo:b.hi].clone()
-            b.unit = u
-            free(b)
-            out.append(b)
+            out.append((u, items, subs[0].blocksize // 2 if aligned else 1))
+    return out
+
+
+@torch.no_grad()
+def shard_frozen(model, world: int, rank: int) -> list[Bucket]:
+    """Partition every unit's frozen tensors into sharded buckets (plan_frozen); the model's tensors become
+    views of the buckets' `full`, which is freed now. Each rank keeps its slice of its own copy (no broadcast:
+    every rank loaded the same frozen weights)."""
+    out = []
+    for u, items, align in plan_frozen(model):
+        ts = [t for _, _, t in items]
+        b = Bucket([f"{u}.{a}" for _, a, _ in items], ts, [0] * len(ts), world, rank, sharded=True, align=align)
+        b.full = b.flatten(ts, ts[0].dtype, ts[0].device)
+        for j, ((sub, attr, t), v) in enumerate(zip(items, b.views(b.full))):
+            if isinstance(t, torch.nn.Parameter):
+                t.data = v  # the same Parameter object wherever it is tied
+            else:  # a buffer is replaced by the view: the bucket tracks the tensor the module now holds
+                sub._buffers[attr] = b.params[j] = v
+        b.shard_param = b.full[b.lo:b.hi].clone()
+        b.unit = u
+        free(b)
+        out.append(b)
     return out
 
 
