@@ -88,9 +88,9 @@ def activations(cfg, batch: int, seq: int, elem_bytes: int, checkpointing: bool)
     return per_layer * (cfg.num_hidden_layers + 17 if checkpointing else 17 * cfg.num_hidden_layers)
 
 
-def report(model, optimizer, stage: int, world: int, rank: int, device, out=None) -> list[dict] | None:
+def report(model, optimizer, stage: int, world: int, rank: int, device, out=None, quiet: bool = False):
     """Every rank calls (a collective): each rank's prediction, measurement and peak; rank 0 prints one line
-    per rank and writes `out`/memory.json. Returns the per-rank records on rank 0."""
+    per rank (unless quiet) and writes `out`/memory.json (if given). Returns the per-rank records on rank 0."""
     dtype = optimizer.dtype if hasattr(optimizer, "dtype") else next(iter(
         p for g in optimizer.optimizer.param_groups for p in g["params"])).dtype
     offload = bool(getattr(optimizer, "offload", False)) and torch.device(device).type == "cuda"
@@ -104,7 +104,7 @@ def report(model, optimizer, stage: int, world: int, rank: int, device, out=None
         recs = [rec]
     if rank != 0:
         return None
-    for r in recs:
+    for r in recs if not quiet else []:
         p, m = r["predicted"], r["measured"]
         print(f"memory rank {r['rank']} (MB, predicted/measured): " + ", ".join(
             f"{k} {p[k] / 1e6:.2f}/{m[k] / 1e6:.2f}" for k in KINDS) + f", total {sum(p.values()) / 1e6:.2f}/"

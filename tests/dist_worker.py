@@ -18,10 +18,15 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 WD, MAX_NORM = 0.1, 1.0
 
 
-def make_model(tied=True, frozen=False, method=None):
+def make_model(tied=True, frozen=False, method=None, moe=False):
     """frozen: like LoRA, most weights frozen (embeddings and MLPs); only attention and norms train.
-    method "lora" | "qlora": LoRA r=4 on every linear (qlora: over the NF4 + double-quant base), the rest frozen."""
-    model = Transformer(ModelConfig(**dict(TINY, tie_word_embeddings=tied))).init_weights(seed=0)
+    method "lora" | "qlora": LoRA r=4 on every linear (qlora: over the NF4 + double-quant base), the rest frozen.
+    moe: a tiny Mixtral (4 experts, top-3, in every block) instead of the llama. Top-3: every expert gets tokens;
+    with top-2 one rarely routed expert's near-zero gradient lets AdamW amplify float rounding to 1.3e-6 after
+    10 steps, in every ZeRO stage alike (measured), which says nothing about sharding."""
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="mixtral", num_local_experts=4, num_experts_per_tok=3,
+                                   tie_word_embeddings=tied)) if moe else ModelConfig(**dict(TINY, tie_word_embeddings=tied))
+    model = Transformer(cfg).init_weights(seed=0)
     for n, p in model.named_parameters():
         p.requires_grad_(not (frozen and ("embed" in n or "mlp" in n)))
     if method:
@@ -55,9 +60,9 @@ def loss_fn(model, rows, head_matmul=False):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
-def reference(tied=True, frozen=False, steps=STEPS, method=None):
+def reference(tied=True, frozen=False, steps=STEPS, method=None, moe=False):
     """torch.optim.AdamW + clip_grad_norm_ on the whole global batch, one process: losses, norms, params."""
-    model, data = make_model(tied, frozen, method), batches()
+    model, data = make_model(tied, frozen, method, moe), batches()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([dict(g, params=[params[n] for n in g["params"]]) for g in groups(model)], **HYPER)
     losses, norms = [], []
@@ -74,14 +79,14 @@ def reference(tied=True, frozen=False, steps=STEPS, method=None):
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
                bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False,
                sum_grads=False, export=None, perturb=False,
-               head_matmul=False, method=None):
+               head_matmul=False, method=None, moe=False):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
     sum_grads: divide each rank's loss by the world size and let ZeRO sum (train.py's convention).
     export: save the model (stage 3: gathered) with save_pretrained to this dir after training.
     perturb: ranks other than 0 start from different weights (ZeroOptimizer must broadcast rank 0's).
     Returns losses (global means), norms, rank-0 consolidated params and this rank's memory figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    model, data = make_model(tied, frozen, method), batches()
+    model, data = make_model(tied, frozen, method, moe), batches()
     model.gradient_checkpointing = checkpointing
     if perturb and rank > 0:
         with torch.no_grad():
@@ -123,6 +128,22 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
     compute = {n: p.detach().clone() for n, p in model.named_parameters()} if stage < 3 else None
     return {"losses": losses, "norms": norms, "params": dist.consolidated_params(opt), "mem": mem,
             "compute": compute}
+
+
+def ledger_step(stage, method=None, tied=True):
+    """One step of plain data parallel (stage 0: AllReduceAdamW) or ZeRO; -> this rank's ledger prediction and
+    the bytes measured on its tensors (dist/ledger.py)."""
+    from dist import ledger
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = make_model(tied, method=method)
+    opt = dist.AllReduceAdamW(model, groups(model), **HYPER) if stage == 0 else \
+        dist.ZeroOptimizer(model, stage, groups=groups(model), bucket_numel=4000, **HYPER)
+    rows = batches()[0][rank::world]
+    opt.backward(loss_fn(model, rows))
+    opt.clip_grad_norm_(MAX_NORM)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"predicted": ledger.predict(model, stage, world, rank, 4, 4000), "measured": ledger.measure(model, opt)}
 
 
 def frozen_tensors(model) -> list:

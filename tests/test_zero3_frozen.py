@@ -10,6 +10,7 @@ from test_dist import assert_same
 
 STEPS = 10
 METHODS = ("lora", "qlora")
+LEDGER = (None, "lora", "qlora")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,12 @@ def runs(tmp_path_factory):
         if world == 2:  # untied LM head read by the chunked loss + gradient checkpointing, over the NF4 base
             jobs.append(("qlora_untied_ckpt", W.train_zero, dict(stage=3, stop=STEPS, method="qlora", tied=False,
                                                                  head_matmul=True, checkpointing=True)))
+            # a tiny Mixtral: a block's router and all its experts are one unit (model/moe.py runs every expert)
+            jobs.append(("moe_lora", W.train_zero, dict(stage=3, stop=STEPS, method="lora", moe=True)))
         (out / str(world)).mkdir()
+        if world == 2:  # the memory ledger: every stage, full fine-tuning / LoRA / QLoRA, tied and untied
+            jobs += [(f"ledger{s}{m}{t}", W.ledger_step, dict(stage=s, method=m, tied=t))
+                     for s in range(4) for m in LEDGER for t in (True, False)]
         codes, _ = W.launch(world, jobs, str(out / str(world)))
         assert codes == [0] * world
         for name, _, _ in jobs:
@@ -58,3 +64,23 @@ def test_frozen_base_sharded_equals_one_process(runs, method, world):
         assert m["final"]["frozen"] == sum(s for _, _, _, s, _ in flats) == (total + slack) // world
         assert 0 < m["peak"]["frozen"] < total  # gathered per unit, never the whole base
     print(f"{method} world {world}: frozen base {total} B, per rank {(total + slack) // world} B")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ledger_prediction_equals_measured_bytes(runs, world):
+    """dist/ledger.py's formulas == the bytes of the tensors each rank holds after a step, every kind, for
+    stages 0-3 (0: plain data parallel), full fine-tuning, LoRA and QLoRA, tied and untied embeddings."""
+    for stage in range(4):
+        for method in LEDGER:
+            for tied in (True, False):
+                got = [runs[f"ledger{stage}{method}{tied}", 2][r] for r in range(2)] if world == 2 else \
+                    [W.ledger_step(stage, method, tied)]
+                for r in got:
+                    assert r["predicted"] == r["measured"], (stage, method, tied, r)
+                    assert r["measured"]["optim"] > 0 and (r["measured"]["frozen"] > 0) == (method is not None)
+
+
+def test_moe_lora_zero3_two_ranks(runs):
+    """LoRA on every linear of a tiny Mixtral (experts included) with ZeRO-3 on 2 ranks == 1 process."""
+    assert_same(runs["moe_lora", 2][0], W.reference(method="lora", moe=True, steps=STEPS))
+    assert runs["moe_lora", 2][0]["mem"]["frozen_live"] == 0
