@@ -82,6 +82,15 @@ def peak_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc/self/statm), 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
 def activations(cfg, batch: int, seq: int, elem_bytes: int, checkpointing: bool) -> int:
     """Estimated saved activations of one micro-batch (see the module docstring)."""
     per_layer = batch * seq * cfg.hidden_size * elem_bytes
@@ -96,7 +105,7 @@ def report(model, optimizer, stage: int, world: int, rank: int, device, out=None
     offload = bool(getattr(optimizer, "offload", False)) and torch.device(device).type == "cuda"
     bucket = getattr(optimizer, "bucket_numel", 1 << 24)
     rec = {"rank": rank, "predicted": predict(model, stage, world, rank, dtype.itemsize, bucket, offload),
-           "measured": measure(model, optimizer), "peak": peak_bytes(device)}
+           "measured": measure(model, optimizer), "peak": peak_bytes(device), "rss": rss_bytes()}
     recs = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(recs, rec)
@@ -108,7 +117,7 @@ def report(model, optimizer, stage: int, world: int, rank: int, device, out=None
         p, m = r["predicted"], r["measured"]
         print(f"memory rank {r['rank']} (MB, predicted/measured): " + ", ".join(
             f"{k} {p[k] / 1e6:.2f}/{m[k] / 1e6:.2f}" for k in KINDS) + f", total {sum(p.values()) / 1e6:.2f}/"
-            f"{sum(m[k] for k in KINDS) / 1e6:.2f}, peak {r['peak'] / 1e6:.1f}", flush=True)
+            f"{sum(m[k] for k in KINDS) / 1e6:.2f}, peak {r['peak'] / 1e6:.1f}, rss now {r['rss'] / 1e6:.1f}", flush=True)
     if out is not None:
         (out / "memory.json").write_text(json.dumps(recs, indent=1) + "\n")
     return recs
