@@ -84,3 +84,16 @@ def test_moe_lora_zero3_two_ranks(runs):
     """LoRA on every linear of a tiny Mixtral (experts included) with ZeRO-3 on 2 ranks == 1 process."""
     assert_same(runs["moe_lora", 2][0], W.reference(method="lora", moe=True, steps=STEPS))
     assert runs["moe_lora", 2][0]["mem"]["frozen_live"] == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ledger_cli_from_config_only(runs, tmp_path, capsys, method):
+    """`python -m dist.ledger` on the model's config.json alone (meta device, NF4 stand-ins) prints the bytes
+    that rank 0 of the 2-rank ZeRO-3 run measured on its tensors."""
+    from dist import ledger
+    from model import save_pretrained
+    save_pretrained(W.make_model(), tmp_path / "m")
+    ledger.main(["--model", str(tmp_path / "m"), "--method", method, "--zero", "3", "--world", "2", "--lora-r", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = {ln.split()[0]: int(ln.split()[1].replace(",", "")) for ln in lines[1:6]}
+    assert printed == runs[f"ledger3{method}True", 2][0]["measured"]
