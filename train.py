@@ -29,7 +29,7 @@ import torch.nn as nn
 import data
 import model as M
 import peft
-from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed
+from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed, ledger
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
                       make_scheduler, remove_partial, resume, same_on_all_ranks, save_checkpoint, trajectory)
 from model import classify, preference
@@ -421,6 +421,8 @@ def main(argv=None):
                            else b["input_ids"].numel() for b in mbs), device)
         lr = optimizer.optimizer.param_groups[0]["lr"]
         m = train_step(model, mbs, optimizer, scheduler, cfg, device, reference)
+        if step == start:  # bytes per rank by kind, predicted vs measured (+ peak): stdout and out/memory.json
+            ledger.report(model, optimizer, cfg.zero, world, rank, device, out if rank == 0 else None, cfg.quiet)
         why = m.get("why") or (None if optimizer.finite() else "the update made weights non-finite (nan/inf)")
         if why:  # nothing of this step is saved: the last checkpoint passed the same checks
             last = complete_checkpoints(out)

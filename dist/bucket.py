@@ -11,9 +11,10 @@ class Bucket:
     """Parameters laid out back to back in one flat buffer of `padded` elements, a multiple of the world size.
     Rank r owns bucket elements [lo, hi) = [r*S, (r+1)*S), S = padded / world. The zero padding at the end
     belongs to no parameter and is never optimized. Parameters are sorted by optimizer group (stable), so each
-    group is one contiguous run and a rank's shard holds at most one AdamW segment per group."""
+    group is one contiguous run and a rank's shard holds at most one AdamW segment per group. Stage 3's frozen
+    tensors use the same layout (zero3.shard_frozen): no groups, no gradients, no master."""
 
-    def __init__(self, names, params, groups, world: int, rank: int, sharded: bool = False):
+    def __init__(self, names, params, groups, world: int, rank: int, sharded: bool = False, align: int = 1):
         order = sorted(range(len(params)), key=lambda i: groups[i])
         self.names = [names[i] for i in order]
         self.params = [params[i] for i in order]
@@ -23,7 +24,8 @@ class Bucket:
             self.offsets.append(off)
             off += p.numel()
         self.numel = off
-        self.shard_numel = -(-off // world)
+        # align: shards hold whole multiples of `align` elements (NF4 codes: whole quantization blocks)
+        self.shard_numel = -(-off // (world * align)) * align
         self.padded = self.shard_numel * world
         self.lo, self.hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
         self.sharded = sharded      # stage 3: `full` lives only while gathered; `shard_param` persists

@@ -40,6 +40,21 @@ def predicted_bytes(stage: int, psi: int, world: int, compute_bytes: int = 2) ->
             "master": 4 * psi // world, "optim": 8 * psi // world}
 
 
+def plan_buckets(model, named, stage: int, bucket_numel: int) -> list[tuple[list[str], bool]]:
+    """Buckets as (trainable param names, sharded): stage 3 one per unit (zero3.plan_units), else runs of
+    about bucket_numel elements in reverse registration order (~ the order gradients become ready)."""
+    if stage == 3:
+        return zero3.plan_units(model, named)
+    plan, cur, size = [], [], 0
+    for n, p in reversed(named):
+        if cur and size + p.numel() > bucket_numel:
+            plan.append((cur, False))
+            cur, size = [], 0
+        cur.append(n)
+        size += p.numel()
+    return plan + [(cur, False)]
+
+
 @contextlib.contextmanager
 def num_threads(n: int | None):
     old = torch.get_num_threads()
@@ -82,17 +97,8 @@ class ZeroOptimizer:
         hyper, group_of = self._groups(named, groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.names = [n for n, _ in named]
 
-        if stage == 3:
-            plan = zero3.plan_units(model, named)
-        else:  # reverse registration order ~ the order gradients become ready in backward
-            plan, cur, size = [], [], 0
-            for n, p in reversed(named):
-                if cur and size + p.numel() > bucket_numel:
-                    plan.append((cur, False))
-                    cur, size = [], 0
-                cur.append(n)
-                size += p.numel()
-            plan.append((cur, False))
+        self.bucket_numel = bucket_numel  # the ledger (dist/ledger.py) re-plans the buckets from it
+        plan = plan_buckets(model, named, stage, bucket_numel)
         params = dict(named)
         self.buckets = [Bucket(ns, [params[n] for n in ns], [group_of[n] for n in ns], self.world, self.rank, sh)
                         for ns, sh in plan]
@@ -120,7 +126,9 @@ class ZeroOptimizer:
         self.optimizer = torch.optim.AdamW(seg_groups, fused=fused)
         self.step_count, self._reduced, self._next, self._in_backward = 0, False, 0, False
         self._pending, self._staged = collections.deque(), []
-        self.peak = {"grads": 0, "params": 0}  # transient bytes seen during backward / stage 3 gathers
+        self.peak = {"grads": 0, "params": 0, "frozen": 0}  # transient bytes: backward / stage 3 gathers
+        # stage 3 partitions the frozen tensors (LoRA/QLoRA's base) too: gathered with their unit, never reduced
+        self.frozen = zero3.shard_frozen(model, self.world, self.rank) if stage == 3 else []
         if stage == 3:
             self.gatherer = zero3.Gatherer(self, model)
 
@@ -232,6 +240,8 @@ class ZeroOptimizer:
             b.ready = 0
             if b.sharded:
                 zero3.free(b)
+        for b in self.frozen:  # those whose unit's input needs no gradient (the first block under LoRA)
+            zero3.free(b)
         self._next, self._in_backward = 0, False
 
     # ---- step ----
@@ -296,6 +306,8 @@ class ZeroOptimizer:
                 zero3.free(b)  # a unit left gathered (e.g. by a no-grad forward) must be re-gathered
             else:
                 collective("all_gather", b.full, shard)
+        for b in self.frozen:  # e.g. the LM head, gathered by a no-grad forward's final norm
+            zero3.free(b)
 
     def zero_grad(self, set_to_none: bool = True):
         """Zero the gradient buffers (they are flat and reused, so `set_to_none` is accepted and ignored)."""
@@ -313,8 +325,9 @@ class ZeroOptimizer:
                     for b in self.buckets)
         grads += sum(p.grad.nbytes for b in self.buckets for p in b.params if self.stage > 1 and p.grad is not None)
         optim = sum(t.nbytes for s in self.optimizer.state.values() for k, t in s.items() if k != "step")
+        frozen = sum(b.full.untyped_storage().nbytes() + b.shard_param.nbytes for b in self.frozen)
         return {"params": params, "grads": grads, "master": sum(b.master.nbytes for b in self.buckets),
-                "optim": optim}
+                "optim": optim, "frozen": frozen}
 
     @torch.no_grad()
     def finite(self) -> bool:

@@ -11,6 +11,13 @@ Tied embeddings (lm_head.weight is embed_tokens.weight) just make the embedding 
 to the LM head. The final norm also gathers the LM head, for losses that use lm_head.weight directly.
 Trainable parameters outside these modules (e.g. prompt embeddings) form one unit that is never freed.
 Gradient checkpointing works: forward hooks do not free during backward (recomputation).
+
+Frozen tensors (LoRA/QLoRA's base) are partitioned too, as in FSDP: per unit, one flat bucket per kind and dtype
+(`shard_frozen`): dense frozen parameters in their own dtype, and NF4 layers' packed codes, absmax scales and
+double-quant state, the codes and scales cut on quantization-block boundaries (rank r holds blocks [rK, (r+1)K)
+of the unit). They are gathered with the unit for forward and for backward (the input gradient needs the
+weight; NF4 dequantizes after the gather), never reduced, never in the optimizer, and freed in backward by a
+hook on the gradient of the unit's input (then nothing in the unit needs them), else at the end of backward.
 """
 import contextlib
 
@@ -39,6 +46,58 @@ def plan_units(model, named) -> list[tuple[list[str], bool]]:
     return units[::-1] + ([(rest, False)] if rest else [])
 
 
+def frozen_tensors(m) -> list[tuple[str, torch.nn.Module, str, torch.Tensor]]:
+    """(kind, owner module, attribute, tensor) of a unit's frozen tensors: frozen parameters ("dense") and the
+    buffers of NF4 layers (quant/linear.py NF4Weight): "packed" codes, "absmax" scales, "nested" double quant."""
+    out = []
+    for sub in m.modules():
+        out += [("dense", sub, a, p) for a, p in sub._parameters.items() if p is not None and not p.requires_grad]
+        if hasattr(sub, "set_nf4"):  # NF4Weight: the 4-bit weight lives in buffers
+            kinds = (("weight", "packed"), ("absmax", "absmax"), ("nested_absmax", "nested"), ("nested_offset", "nested"))
+            out += [(k, sub, a, sub._buffers[a]) for a, k in kinds if sub._buffers.get(a) is not None]
+    return out
+
+
+def plan_frozen(model) -> list[tuple[int, list, int]]:
+    """Stage 3's frozen buckets as (unit index, [(owner, attribute, tensor)], align): one per unit, kind and
+    dtype; NF4 codes aligned to whole blocks (blocksize / 2 bytes) when every layer is whole blocks."""
+    seen, out = set(), []
+    for u, m in enumerate(unit_modules(model)):
+        groups = {}
+        for kind, sub, attr, t in frozen_tensors(m):
+            if id(t) not in seen:  # a tied frozen weight belongs to its first unit
+                seen.add(id(t))
+                groups.setdefault((kind, t.dtype), []).append((sub, attr, t))
+        for (kind, _), items in groups.items():
+            subs = [s for s, _, _ in items]
+            aligned = kind == "packed" and len({s.blocksize for s in subs}) == 1 and all(
+                (s.out_features * s.in_features) % s.blocksize == 0 for s in subs)
+            out.append((u, items, subs[0].blocksize // 2 if aligned else 1))
+    return out
+
+
+@torch.no_grad()
+def shard_frozen(model, world: int, rank: int) -> list[Bucket]:
+    """Partition every unit's frozen tensors into sharded buckets (plan_frozen); the model's tensors become
+    views of the buckets' `full`, which is freed now. Each rank keeps its slice of its own copy (no broadcast:
+    every rank loaded the same frozen weights)."""
+    out = []
+    for u, items, align in plan_frozen(model):
+        ts = [t for _, _, t in items]
+        b = Bucket([f"{u}.{a}" for _, a, _ in items], ts, [0] * len(ts), world, rank, sharded=True, align=align)
+        b.full = b.flatten(ts, ts[0].dtype, ts[0].device)
+        for j, ((sub, attr, t), v) in enumerate(zip(items, b.views(b.full))):
+            if isinstance(t, torch.nn.Parameter):
+                t.data = v  # the same Parameter object wherever it is tied
+            else:  # a buffer is replaced by the view: the bucket tracks the tensor the module now holds
+                sub._buffers[attr] = b.params[j] = v
+        b.shard_param = b.full[b.lo:b.hi].clone()
+        b.unit = u
+        free(b)
+        out.append(b)
+    return out
+
+
 def gather(b: Bucket):
     if b.gathered:
         return
@@ -60,19 +119,38 @@ class Gatherer:
     def __init__(self, opt, model):
         self.opt = opt
         modules = unit_modules(model)
-        uses = []  # per module: the sharded buckets whose parameters it uses
+        frozen_of = {id(t): b for b in opt.frozen for t in b.params}
+        uses = []  # per module: the sharded buckets whose parameters (or frozen tensors) it uses
         for m in modules:
             bis = {opt.where[id(p)][0] for p in m.parameters() if id(p) in opt.where}
-            uses.append([opt.buckets[i] for i in sorted(bis) if opt.buckets[i].sharded])
+            fr = {id(frozen_of[id(t)]): frozen_of[id(t)] for *_, t in frozen_tensors(m) if id(t) in frozen_of}
+            uses.append([opt.buckets[i] for i in sorted(bis) if opt.buckets[i].sharded] + list(fr.values()))
         last = {id(b): i for i, bs in enumerate(uses) for b in bs}  # the unit's last user in forward
         # The final norm also gathers the LM head: a chunked loss (train.py) reads lm_head.weight after
         # forward(hidden_only=True) without calling lm_head. Backward or the end of backward frees it then.
         uses[-2] = uses[-2] + [b for b in uses[-1] if b not in uses[-2]]
+        first = {}  # frozen bucket -> its first user in forward, whose input gradient ends its use in backward
+        for i, bs in reversed(list(enumerate(uses))):
+            first.update({id(b): i for b in bs if b in opt.frozen})
         for i, (m, bs) in enumerate(zip(modules, uses)):
             if bs:
                 frees = [b for b in bs if last[id(b)] == i]
-                m.register_forward_pre_hook(lambda mod, args, bs=bs: self._gather(bs))
+                done = [b for b in bs if first.get(id(b)) == i]
+                m.register_forward_pre_hook(lambda mod, args, bs=bs, done=done: self._before(bs, done, args))
                 m.register_forward_hook(lambda mod, args, out, bs=bs, frees=frees: self._after(bs, frees, out))
+
+    def _before(self, buckets, done, args):
+        self._gather(buckets)
+        for t in args:  # backward through this module has ended when its input's gradient is complete
+            if done and isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._free_hook(done))
+
+    @staticmethod
+    def _free_hook(buckets):
+        def hook(grad):
+            for b in buckets:
+                free(b)
+        return hook
 
     def _gather(self, buckets):
         with torch.no_grad():
@@ -80,6 +158,8 @@ class Gatherer:
                 gather(b)
         held = sum(b.full.untyped_storage().nbytes() for b in self.opt.buckets if b.sharded)
         self.opt.peak["params"] = max(self.opt.peak["params"], held)
+        held = sum(b.full.untyped_storage().nbytes() for b in self.opt.frozen)
+        self.opt.peak["frozen"] = max(self.opt.peak["frozen"], held)
 
     def _backward_hook(self, buckets):
         def hook(grad):
@@ -100,11 +180,11 @@ class Gatherer:
 @contextlib.contextmanager
 def gathered_params(opt):
     """All stage-3 weights materialized (e.g. to save the model); every rank must enter it."""
-    for b in opt.buckets:
+    for b in opt.buckets + opt.frozen:
         if b.sharded:
             gather(b)
     try:
         yield
     finally:
-        for b in opt.buckets:
+        for b in opt.buckets + opt.frozen:
             free(b)

@@ -18,11 +18,23 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 WD, MAX_NORM = 0.1, 1.0
 
 
-def make_model(tied=True, frozen=False):
-    """frozen: like LoRA, most weights frozen (embeddings and MLPs); only attention and norms train."""
-    model = Transformer(ModelConfig(**dict(TINY, tie_word_embeddings=tied))).init_weights(seed=0)
+def make_model(tied=True, frozen=False, method=None, moe=False):
+    """frozen: like LoRA, most weights frozen (embeddings and MLPs); only attention and norms train.
+    method "lora" | "qlora": LoRA r=4 on every linear (qlora: over the NF4 + double-quant base), the rest frozen.
+    moe: a tiny Mixtral (4 experts, top-3, in every block) instead of the llama. Top-3: every expert gets tokens;
+    with top-2 one rarely routed expert's near-zero gradient lets AdamW amplify float rounding to 1.3e-6 after
+    10 steps, in every ZeRO stage alike (measured), which says nothing about sharding."""
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="mixtral", num_local_experts=4, num_experts_per_tok=3,
+                                   tie_word_embeddings=tied)) if moe else ModelConfig(**dict(TINY, tie_word_embeddings=tied))
+    model = Transformer(cfg).init_weights(seed=0)
     for n, p in model.named_parameters():
         p.requires_grad_(not (frozen and ("embed" in n or "mlp" in n)))
+    if method:
+        import peft
+        from quant.linear import quantize_model
+        torch.manual_seed(0)  # LoRA's A init: the same on every rank and in the reference
+        model = peft.apply(quantize_model(model, double_quant=True) if method == "qlora" else model,
+                           peft.LoraConfig(r=4, alpha=8, targets="all-linear"))
     return model
 
 
@@ -48,9 +60,9 @@ def loss_fn(model, rows, head_matmul=False):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
-def reference(tied=True, frozen=False, steps=STEPS):
+def reference(tied=True, frozen=False, steps=STEPS, method=None, moe=False):
     """torch.optim.AdamW + clip_grad_norm_ on the whole global batch, one process: losses, norms, params."""
-    model, data = make_model(tied, frozen), batches()
+    model, data = make_model(tied, frozen, method, moe), batches()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([dict(g, params=[params[n] for n in g["params"]]) for g in groups(model)], **HYPER)
     losses, norms = [], []
@@ -67,14 +79,14 @@ def reference(tied=True, frozen=False, steps=STEPS):
 def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=None, save=None, tied=True,
                bucket_numel=4000, compute_dtype=None, frozen=False, checkpointing=False,
                sum_grads=False, export=None, perturb=False,
-               head_matmul=False):
+               head_matmul=False, method=None, moe=False):
     """The loop train.py runs: this rank's rows of the global batch, ACCUM micro-batches, clip, step.
     sum_grads: divide each rank's loss by the world size and let ZeRO sum (train.py's convention).
     export: save the model (stage 3: gathered) with save_pretrained to this dir after training.
     perturb: ranks other than 0 start from different weights (ZeroOptimizer must broadcast rank 0's).
     Returns losses (global means), norms, rank-0 consolidated params and this rank's memory figures."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    model, data = make_model(tied, frozen), batches()
+    model, data = make_model(tied, frozen, method, moe), batches()
     model.gradient_checkpointing = checkpointing
     if perturb and rank > 0:
         with torch.no_grad():
@@ -103,7 +115,12 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
             dist.save_checkpoint(opt, save)
     mem.update(final=opt.memory_bytes(), peak=dict(opt.peak), padded=opt.padded_numel,
                shards=[b.shard_numel for b in opt.buckets], numels=[b.numel for b in opt.buckets],
-               owned=sum(e - a for _, a, e, _ in opt.segments))
+               owned=sum(e - a for _, a, e, _ in opt.segments),
+               # stage 3's frozen base, measured on the model's tensors: their storages (freed between steps)
+               frozen_live=sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in
+                                frozen_tensors(model)}.values()),
+               frozen_flats=[(b.names[0], b.numel, b.padded, b.shard_param.nbytes, b.full.element_size())
+                             for b in opt.frozen])
     if export:
         with dist.gathered_params(opt):
             if rank == 0:
@@ -111,6 +128,33 @@ def train_zero(stage, offload=False, start=0, stop=STEPS, load=None, save_at=Non
     compute = {n: p.detach().clone() for n, p in model.named_parameters()} if stage < 3 else None
     return {"losses": losses, "norms": norms, "params": dist.consolidated_params(opt), "mem": mem,
             "compute": compute}
+
+
+def ledger_step(stage, method=None, tied=True):
+    """One step of plain data parallel (stage 0: AllReduceAdamW) or ZeRO; -> this rank's ledger prediction and
+    the bytes measured on its tensors (dist/ledger.py)."""
+    from dist import ledger
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = make_model(tied, method=method)
+    opt = dist.AllReduceAdamW(model, groups(model), **HYPER) if stage == 0 else \
+        dist.ZeroOptimizer(model, stage, groups=groups(model), bucket_numel=4000, **HYPER)
+    rows = batches()[0][rank::world]
+    opt.backward(loss_fn(model, rows))
+    opt.clip_grad_norm_(MAX_NORM)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"predicted": ledger.predict(model, stage, world, rank, 4, 4000), "measured": ledger.measure(model, opt)}
+
+
+def frozen_tensors(model) -> list:
+    """The frozen parameters and buffers (NF4 codes, scales) of a model, deduplicated."""
+    ts = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    return list({id(t): t for t in ts}.values())
+
+
+def frozen_bytes(model) -> int:
+    """Bytes of the frozen parameters and NF4 buffers (RoPE buffers excluded: none here), whole model."""
+    return sum(t.nbytes for t in frozen_tensors(model))
 
 
 def _worker(rank, world, port, jobs, outdir, timeout_s):

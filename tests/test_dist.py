@@ -83,7 +83,7 @@ def test_untied_frozen_checkpointed_bf16(world2, ref):
     assert_same(world2["untied_s3"][0], untied)
     exported = load_pretrained(world2["export"]).state_dict()  # stage 3 weights gathered and saved on rank 0
     assert max((exported[n] - p).abs().max().item() for n, p in untied["params"].items()) <= TOL
-    # LoRA-like: frozen weights stay whole on every rank; with gradient checkpointing (recompute in backward)
+    # LoRA-like: frozen weights sharded too (tests/test_zero3_frozen.py); with gradient checkpointing
     assert_same(world2["frozen_ckpt_s3"][0], W.reference(frozen=True))
     # bf16 compute weights are the bf16 rounding of the fp32 masters, on every rank
     for r in world2["bf16_s2"]:

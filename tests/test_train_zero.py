@@ -61,6 +61,14 @@ def assert_same_run(got, want):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+def assert_ledger(out, world):
+    """train.py's step-1 memory ledger (dist/ledger.py): each rank's predicted bytes == its measured tensors."""
+    recs = json.loads((Path(out) / "memory.json").read_text())
+    assert [r["rank"] for r in recs] == list(range(world))
+    for r in recs:
+        assert r["predicted"] == r["measured"] and r["peak"] > 0, r
+
+
 def test_zero2_offload_full_two_ranks_equals_one_process(setup):
     """Full fine-tuning: 2 ranks x batch 2 with ZeRO-2 + CPU offload == 1 process x batch 4 (plain AdamW)."""
     d = setup["dir"]
@@ -68,6 +76,8 @@ def test_zero2_offload_full_two_ranks_equals_one_process(setup):
     torchrun(args(setup, d / "z2", "--method", "full", "--batch-size", "2", "--zero", "2", "--offload"))
     assert len(losses(d / "z2")) == STEPS and losses(d / "z2")[-1] < losses(d / "z2")[0]
     assert_same_run(d / "z2", d / "plain-full")
+    assert_ledger(d / "z2", 2)
+    assert_ledger(d / "plain-full", 1)  # stage 0: plain data parallel
 
 
 KILL_AFTER_SAVE_4 = """
@@ -82,7 +92,7 @@ train.save_checkpoint = save
 
 
 def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
-    """LoRA with ZeRO-3 (frozen base not sharded, LoRA weights sharded per block), eval on every rank: killed
+    """LoRA with ZeRO-3 (frozen base and LoRA weights sharded per block), eval on every rank: killed
     right after the step-4 checkpoint, resumed to step 8: the 8 losses, the eval losses and the adapter equal
     the uninterrupted plain 1-process run."""
     d = setup["dir"]
@@ -96,6 +106,7 @@ def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
     torchrun(zero3 + ["--resume"])
     assert train.complete_checkpoints(d / "z3") == [4, 8]
     assert_same_run(d / "z3", d / "plain-lora")
+    assert_ledger(d / "z3", 2)  # the resumed segment's first step: the frozen base sharded too
     # a ZeRO checkpoint resumed without --zero: one line, no traceback
     with pytest.raises(SystemExit, match=r"^error: .*step-8: written with --zero; resume it with --zero too$"):
         train.main(args(setup, d / "z3", *LORA, "--batch-size", "4", "--resume"))
@@ -129,3 +140,4 @@ def test_zero_one_process_prompt_wrapper_qlora_merge(setup, method, zero):
     train.main(args(setup, d / f"zero-{name}", *method, "--batch-size", "4", "--zero", zero))
     assert losses(d / f"zero-{name}")[-1] < losses(d / f"zero-{name}")[0]
     assert_same_run(d / f"zero-{name}", d / f"plain-{name}")
+    assert_ledger(d / f"zero-{name}", 1)
