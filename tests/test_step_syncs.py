@@ -86,3 +86,19 @@ def test_unchecked_and_checked_steps_agree(pack):
     assert float(ma["loss"]) == mb["loss"] and float(ma["grad_norm"]) == mb["grad_norm"]
     for (n, p), q in zip(a[0].named_parameters(), b[0].parameters()):
         assert torch.equal(p, q), n
+
+
+def test_one_rank_process_group(tmp_path):
+    """NANOTUNE_PG=1: a one-process run gets a real one-rank group (gloo here, NCCL on a GPU), and all_sum keeps
+    a tensor on the device (the step's losses) while a number stays a number."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, torch.distributed as d\nfrom dist import init_distributed, all_sum\n"
+            "env = init_distributed()\nassert d.is_initialized() and d.get_world_size() == 1 and env.world_size == 1\n"
+            "t = all_sum(torch.tensor(2.5), env.device)\nassert isinstance(t, torch.Tensor) and t.item() == 2.5\n"
+            "assert all_sum(3, env.device) == 3.0\nd.destroy_process_group()\nprint('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "NANOTUNE_PG": "1"}, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
