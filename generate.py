@@ -48,9 +48,10 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=0.9, help="in (0, 1]; 1 = off")
     ap.add_argument("--top-k", type=int, default=0, help=">= 0; 0 = off")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="weights' dtype (default: bf16 on CUDA, else fp32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     valid = [("--max-new-tokens", args.max_new_tokens >= 1, "an integer >= 1"),
              ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0"),
              ("--top-p", 0 < args.top_p <= 1, "a number in (0, 1]"),  # false for nan too

@@ -33,7 +33,7 @@ from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed, ledge
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
                       make_scheduler, remove_partial, resume, same_on_all_ranks, save_checkpoint, trajectory)
 from model import classify, preference
-from model.ops import ChunkedCE, native_half_gemm
+from model.ops import ChunkedCE, ce_chunk, resolve_precision
 from model.progress import progress, quiet, stage, write
 from model.sampling import generate
 
@@ -68,7 +68,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     seed: int = 0
-    precision: str = "fp32"               # fp32 | bf16 | fp16 | auto (autocast; weights stay fp32)
+    precision: str = "default"            # default (CUDA bf16, else fp32) | fp32 | bf16 | fp16 | auto (autocast)
     grad_checkpointing: bool = False
     pack: bool = False
     eval_data: str = ""
@@ -149,7 +149,7 @@ def parse_args(argv=None) -> TrainConfig:
         if v is not None:
             setattr(cfg, k, v) if k in own else cfg.method_args.__setitem__(k, v)
     for k, v in (("method", ("full", "qlora", *methods)), ("schedule", ("cosine", "linear", "constant")),
-                 ("precision", ("fp32", "bf16", "fp16", "auto")), ("stage", ("sft", "dpo", "kto")),
+                 ("precision", ("default", "fp32", "bf16", "fp16", "auto")), ("stage", ("sft", "dpo", "kto")),
                  ("pref_loss", ("sigmoid", "robust", "ipo", "simpo", "orpo"))):
         if getattr(cfg, k) not in v:
             sys.exit(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}: expected one of {', '.join(v)}")
@@ -214,10 +214,8 @@ def trainable(model) -> dict[str, nn.Parameter]:
 
 
 def precision(cfg: TrainConfig, device) -> str:
-    """--precision auto: bf16 where the hardware multiplies bf16 natively (CUDA, AMX / AVX512-BF16), else fp32."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if native_half_gemm(device) else "fp32"
+    """--precision default: bf16 on CUDA, else fp32; auto: bf16 where the hardware multiplies bf16 natively."""
+    return resolve_precision(cfg.precision, device)
 
 
 def autocast(cfg: TrainConfig, device):
@@ -226,21 +224,21 @@ def autocast(cfg: TrainConfig, device):
 
 
 # ------------------------------------------------------------------------------------------------------- loss
-def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
+def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 0):
     """Sum of next-token cross-entropies over the trained positions of one micro-batch (fp32 scalar) and the
     metrics' sums ({} for SFT); preference batches: the sum of their pair / example losses (model/preference.py).
-    chunk: positions per (chunk, vocab) logits block, the forward's largest transient (README: benchmarks)."""
+    chunk: positions per (chunk, vocab) logits block, the forward's largest transient (0: ops.ce_chunk's)."""
     if cfg is not None and cfg.task != "causal_lm":  # a classification / reward head (model/classify.py)
         return classify.loss_sum(model, batch, device, cfg)
     if "pairs" in batch or "examples" in batch:
         return preference.loss_sum(model, batch, device, cfg, reference)
     ids = batch["input_ids"].to(device)
-    hidden = model(ids, attention_mask=_to(batch["attention_mask"], device),
+    hidden = model(ids, attention_mask=_to(M.lean_mask(batch), device),  # right padding, packing: no dense mask
                    position_ids=_to(batch["position_ids"], device), hidden_only=True)   # (B, T, D)
-    sel = batch["train_mask"][:, 1:].to(device)                                      # (B, T-1): token t+1 trained
-    h, y = hidden[:, :-1][sel], ids[:, 1:][sel]                                      # (N, D), (N,)
+    idx = batch["train_mask"][:, 1:].flatten().nonzero()[:, 0].to(device)            # (N,): token t+1 trained
+    h, y = hidden[:, :-1].flatten(0, 1)[idx], ids[:, 1:].flatten()[idx]              # (N, D), (N,)
     aux = M.router_loss(model, batch["attention_mask"]) * len(y)  # MoE: the router's aux loss (0 if dense / off)
-    head = model.lm_head
+    head, chunk = model.lm_head, chunk or ce_chunk(device)
     if type(head) is nn.Linear and head.bias is None:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
         return ChunkedCE.apply(h, head.weight, y, chunk, dtype) + aux, {}
@@ -251,38 +249,39 @@ def loss_sum(model, batch, device, cfg=None, reference=None, chunk: int = 256):
 
 
 def _to(x, device):
-    return None if x is None else x.to(device)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, reference=None) -> dict:
-    """One optimizer step over this rank's micro-batches. The same function for 1 or N processes, plain data
-    parallel or ZeRO: the optimizer reduces the gradients itself (plain: one all-reduce at clip; ZeRO 2/3:
-    reduce-scatters of gradient buckets while backward runs; ZeRO 1: at clip)."""
-    n_global = all_sum(sum(data.count_targets(b) for b in micro_batches), device)
+def train_step(model, micro_batches, optimizer, scheduler, cfg: TrainConfig, device, reference=None, check=True):
+    """One optimizer step over this rank's micro-batches, for 1 or N processes, plain data parallel or ZeRO (the
+    optimizer reduces the gradients itself). Losses add up on the device: only with `check` (logging / saving
+    steps) are they read (a host sync), the non-finite guard applied, the metrics returned as numbers."""
+    n_global = all_sum(torch.tensor(float(sum(data.count_targets(b) for b in micro_batches))), device)
     total, sums = 0.0, {}
     for i, b in enumerate(micro_batches):
         with autocast(cfg, device):
             s, logs = loss_sum(model, b, device, cfg, reference)
         # + a method's own loss term once per step (AdaLoRA's orthogonality regulariser; 0 for most methods)
-        optimizer.backward(s / max(n_global, 1) + (peft.loss_term(model) if i == 0 else 0))
-        total += s.item()
-        sums.update({k: sums.get(k, 0.0) + float(v) for k, v in logs.items()})
-    loss = all_sum(total, device) / max(n_global, 1)
-    if not math.isfinite(loss):
+        optimizer.backward(s / n_global.clamp(min=1) + (peft.loss_term(model) if i == 0 else 0))
+        total = total + s.detach().double()
+        sums.update({k: sums.get(k, 0.0) + torch.as_tensor(v).detach().double() for k, v in logs.items()})
+    loss = all_sum(total, device) / n_global.clamp(min=1)
+    if check and not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "why": f"loss is {loss} (not finite)"}
+        return {"loss": float(loss), "why": f"loss is {float(loss)} (not finite)"}
     norm = optimizer.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    if not torch.isfinite(norm) and cfg.precision != "fp16":  # fp16: the loss scaler skips such a step itself
+    if check and not torch.isfinite(norm) and cfg.precision != "fp16":  # fp16: the loss scaler skips such a step itself
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "why": f"the gradient norm is {norm.item()} (not finite)"}
+        return {"loss": float(loss), "why": f"the gradient norm is {norm.item()} (not finite)"}
     if optimizer.step():  # False: fp16 loss scaling skipped a step with inf/nan gradients (the LR waits too)
         scheduler.step()
         peft.after_step(model, scheduler.last_epoch)  # a method's step on this step's gradients (AdaLoRA's budget)
     optimizer.zero_grad(set_to_none=True)
     counts = {k[3:]: all_sum(v, device) for k, v in sums.items() if k.startswith("_n/")}  # else: per pair/example
-    return {"loss": loss, "grad_norm": norm.item(), "trained_tokens": int(n_global),  # pairs / examples: dpo, kto
-            **{k: all_sum(v, device) / max(counts.get(k, n_global), 1) for k, v in sums.items() if k[:3] != "_n/"}}
+    m = {"loss": loss, "grad_norm": norm, "trained_tokens": n_global,  # pairs / examples: dpo, kto
+         **{k: all_sum(v, device) / counts.get(k, n_global).clamp(min=1) for k, v in sums.items() if k[:3] != "_n/"}}
+    return {k: int(v) if k == "trained_tokens" else float(v) for k, v in m.items()} if check else m
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -417,13 +416,15 @@ def main(argv=None):
     for step in bar:
         t0 = time.perf_counter()
         mbs = order.micro_batches(train_ex, step, rank, world, cfg.batch_size, cfg.grad_accum, pad_id)
-        ntok = all_sum(sum(int((b["input_ids"] != pad_id).sum()) if b["attention_mask"] is not None
-                           else b["input_ids"].numel() for b in mbs), device)
+        ntok = sum(int((b["input_ids"] != pad_id).sum()) if b["attention_mask"] is not None  # this rank's: CPU
+                   else b["input_ids"].numel() for b in mbs)  # batches, host counts, summed over ranks when logged
         lr = optimizer.optimizer.param_groups[0]["lr"]
-        m = train_step(model, mbs, optimizer, scheduler, cfg, device, reference)
+        logged = (step + 1) % cfg.log_every == 0 or step + 1 == total
+        saving = cfg.save_every and (step + 1) % cfg.save_every == 0
+        m = train_step(model, mbs, optimizer, scheduler, cfg, device, reference, (check := logged or saving))  # syncs
         if step == start:  # bytes per rank by kind, predicted vs measured (+ peak): stdout and out/memory.json
             ledger.report(model, optimizer, cfg.zero, world, rank, device, out if rank == 0 else None, cfg.quiet)
-        why = m.get("why") or (None if optimizer.finite() else "the update made weights non-finite (nan/inf)")
+        why = m.get("why") or (check and not optimizer.finite() and "the update made weights non-finite (nan/inf)")
         if why:  # nothing of this step is saved: the last checkpoint passed the same checks
             last = complete_checkpoints(out)
             log.close(f"stopped at step {step + 1}: {why}")  # loss.png, report.md
@@ -433,11 +434,11 @@ def main(argv=None):
                      + ". Try a lower --lr, --precision fp32/bf16 or --max-grad-norm 1.")
         dt = time.perf_counter() - t0
         seen += ntok
-        rec = {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": int(seen),
-               "trained_tokens": m["trained_tokens"], "tokens_per_s": ntok / dt,
-               **{k: v for k, v in m.items() if "/" in k or k == "kl"}}  # preference stages: TRL's metric names
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{ntok / dt:.0f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+        if logged:
+            rec = {"step": step + 1, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"],  # + preference
+                   "tokens": int(all_sum(seen, device)), "trained_tokens": m["trained_tokens"],  # stages: TRL's names
+                   "tokens_per_s": all_sum(ntok, device) / dt, **{k: v for k, v in m.items() if "/" in k or k == "kl"}}
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             log.log(rec)
         due = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total) and evaluator and eval_ex
         if due and cfg.task != "causal_lm":  # a head's loss, accuracy (+ macro-F1): model/classify.py
@@ -452,7 +453,7 @@ def main(argv=None):
                 for p, s in zip(stats["prompts"], samples):
                     write(f"  Q: {tok.decode(p).strip()[-80:]!r}\n  A: {s[:200]!r}")
         stopping = all_sum(bool(stop.signum), device) > 0  # every rank stops at the same step
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stopping and step + 1 < total):
+        if saving or (stopping and step + 1 < total):
             save_checkpoint(out, step + 1, optimizer, scheduler, cfg.keep, rank, config=traj)
         if stopping and step + 1 < total:
             log.close(f"stopped by signal {stop.signum or 'on another rank'} after step {step + 1} (checkpoint saved)")

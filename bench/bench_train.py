@@ -1,10 +1,14 @@
 """train.py's LoRA step vs HF transformers + PEFT: tokens/s, peak RSS and model FLOP utilisation (MFU).
 
     python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 2] [--precisions fp32,bf16] [--model DIR]
+                                [--workloads packed,sft,docs] [--batch 8] [--seq 128]
 
 SmolLM2-135M-Instruct, CPU, LoRA r8 alpha16 on all linear layers, B8 x T128, the same token batches for both:
   packed text:        every position is a target (continued pre-training rows)
   prompt-masked SFT:  the first half of each row is label -100 (the prompt)
+  docs:               --pack rows: documents of seeded random lengths (T/8 .. T/2) back to back, attention inside
+                      each; nanotune as train.py runs it (batch["segments"], no mask), "nanotune dense" with the
+                      (B, 1, T, T) block-diagonal mask instead (the path before), HF with that mask + position_ids
 Each (implementation, workload, precision) runs in its own process (clean peak RSS; HF's `peft` is imported
 outside the repo, where ours does not shadow it). Step time is the median over --steps after --warmup steps,
 pooled over --rounds processes per side run in alternating order; peak RSS is the largest of a side's rounds.
@@ -34,17 +38,36 @@ B, T, R, ALPHA = 8, 128, 8, 16
 REPO = Path(__file__).resolve().parent.parent
 
 
+def doc_lengths() -> list[list[int]]:
+    import random
+    rng, rows = random.Random(0), []
+    for _ in range(B):
+        row = []
+        while sum(row) < T:
+            row.append(min(rng.randint(T // 8, T // 2), T - sum(row)))
+        rows.append(row)
+    return rows
+
+
 def batch(workload: str, vocab: int):
+    """ids, labels, and for docs the segments, position_ids and (B, 1, T, T) bool block-diagonal mask."""
     import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)
     labels = ids.clone()
     if workload == "sft":
         labels[:, :T // 2] = -100
-    return ids, labels
+    if workload != "docs":
+        return ids, labels, None, None, None
+    lens = doc_lengths()
+    seg = torch.tensor([[i for i, n in enumerate(r) for _ in range(n)] for r in lens])
+    pos = torch.tensor([[j for n in r for j in range(n)] for r in lens])
+    labels[pos == 0] = -100  # a document's first token: nothing in it predicts it
+    mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril())[:, None]
+    return ids, labels, lens, pos, mask
 
 
-def worker_ours(model_dir, workload, precision, steps, warmup):
+def worker_ours(model_dir, workload, precision, steps, warmup, dense=False):
     import torch
     sys.path.insert(0, str(REPO))
     import train
@@ -55,9 +78,11 @@ def worker_ours(model_dir, workload, precision, steps, warmup):
     model.train()
     opt = train.make_optimizer(model, cfg)
     sched = train.make_scheduler(opt.optimizer, cfg, 1000)
-    ids, labels = batch(workload, model.cfg.vocab_size)
-    mb = [{"input_ids": ids, "train_mask": labels != -100, "labels": labels, "attention_mask": None,
-           "position_ids": None}]
+    ids, labels, lens, pos, mask = batch(workload, model.cfg.vocab_size)
+    mb = [{"input_ids": ids, "train_mask": labels != -100, "labels": labels, "attention_mask": mask,
+           "position_ids": pos}]
+    if lens is not None and not dense:
+        mb[0]["segments"] = lens
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -75,12 +100,12 @@ def worker_hf(model_dir, workload, precision, steps, warmup):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, labels = batch(workload, model.config.vocab_size)
+    ids, labels, _, pos, mask = batch(workload, model.config.vocab_size)
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = model(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -112,14 +137,18 @@ def step_flops(cfg, workload: str) -> float:
     body = cfg.num_hidden_layers * (d * hd * (nh + 2 * cfg.num_key_value_heads) + nh * hd * d
                                     + 3 * d * cfg.intermediate_size)
     trained = B * (T - 1) if workload == "packed" else B * (T - T // 2)  # labels[:, 1:] not -100
-    attn = cfg.num_hidden_layers * 2 * B * T * T * nh * hd                    # QK^T and PV, causal half
+    pairs = B * T * T                                                         # query-key pairs x 2 (causal half)
+    if workload == "docs":
+        lens = doc_lengths()
+        trained, pairs = B * T - sum(map(len, lens)), sum(n * n for r in lens for n in r)
+    attn = cfg.num_hidden_layers * 2 * pairs * nh * hd                        # QK^T and PV, causal half
     return 2 * (2 * body * B * T + 2 * cfg.vocab_size * d * trained + attn)
 
 
 def run_worker(impl, model_dir, workload, precision, steps, warmup) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     args = ["--worker", impl, "--model", model_dir, "--workload", workload, "--precision", precision,
-            "--steps", str(steps), "--warmup", str(warmup)]
+            "--steps", str(steps), "--warmup", str(warmup), "--batch", str(B), "--seq", str(T)]
     with tempfile.TemporaryDirectory() as cwd:  # outside the repo: HF's peft, not ours
         r = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), *args], cwd=cwd, env=env,
                            capture_output=True, text=True)
@@ -129,6 +158,7 @@ def run_worker(impl, model_dir, workload, precision, steps, warmup) -> dict:
 
 
 def main():
+    global B, T  # --batch / --seq: the workers' shapes too
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=3)
@@ -139,12 +169,17 @@ def main():
     ap.add_argument("--worker", default=None)
     ap.add_argument("--workload", default=None)
     ap.add_argument("--precision", default=None)
+    ap.add_argument("--batch", type=int, default=B)
+    ap.add_argument("--seq", type=int, default=T)
     a = ap.parse_args()
+    B, T = a.batch, a.seq
     if a.worker:
         import torch
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
-        fn = worker_ours if a.worker == "ours" else worker_hf
-        times = fn(a.model, a.workload, a.precision, a.steps, a.warmup)
+        if a.worker == "hf":
+            times = worker_hf(a.model, a.workload, a.precision, a.steps, a.warmup)
+        else:
+            times = worker_ours(a.model, a.workload, a.precision, a.steps, a.warmup, dense=a.worker == "ours-dense")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_rss_gb": rss}))
         return
@@ -167,26 +202,27 @@ def main():
           + ("" if native_bf16 else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
     print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
           f"median of {a.rounds} x {a.steps} steps after {a.warmup} warmup each\n")
-    print("| workload | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | B x T | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for workload in a.workloads.split(","):
         for precision in a.precisions.split(","):
             # rounds in alternating order (hf, ours, ours, hf, ...): a slow spell of a shared machine then hits
             # both sides; the step time is the median over every timed step of every round
-            runs = {"hf": [], "ours": []}
+            impls = ("hf", "ours", "ours-dense") if workload == "docs" else ("hf", "ours")
+            runs = {impl: [] for impl in impls}
             for rnd in range(a.rounds):
-                for impl in ("hf", "ours") if rnd % 2 == 0 else ("ours", "hf"):
+                for impl in impls if rnd % 2 == 0 else impls[::-1]:
                     runs[impl].append(run_worker(impl, a.model, workload, precision, a.steps, a.warmup))
             res = {impl: {"step_s": statistics.median(t for r in rs for t in r["times"]),
                           "peak_rss_gb": max(r["peak_rss_gb"] for r in rs)} for impl, rs in runs.items()}
-            for impl in ("hf", "ours"):
+            for impl in impls:
                 r = res[impl]
                 tps = B * T / r["step_s"]
                 mfu = step_flops(mcfg, workload) / r["step_s"] / (peaks[precision] * 1e9)
                 speed = tps / (B * T / res["hf"]["step_s"])
                 ratio = r["peak_rss_gb"] / res["hf"]["peak_rss_gb"]
-                name = "HF+PEFT" if impl == "hf" else "nanotune"
-                print(f"| {workload} | {precision} | {name} | {tps:.0f} | {speed:.2f}x | {r['peak_rss_gb']:.2f} | "
+                name = {"hf": "HF+PEFT", "ours": "nanotune", "ours-dense": "nanotune dense mask"}[impl]
+                print(f"| {workload} | {B}x{T} | {precision} | {name} | {tps:.0f} | {speed:.2f}x | {r['peak_rss_gb']:.2f} | "
                       f"{ratio:.2f} | {100 * mfu:.0f}% |", flush=True)
 
 

@@ -10,6 +10,9 @@ Needs an 80 GB card (H100): on a 139 GB H200 a model too big for it without offl
 
     python bench/gpu_dist.py                       # both attempts, prints a markdown row per attempt
     python bench/gpu_dist.py --layers 2 --steps 2  # quick smoke test
+    python bench/gpu_dist.py --layers 12 --mem-fraction 0.3   # gpu_check.sh: ~2.7B params under a ~42 GB cap
+--mem-fraction caps this process's GPU memory (torch.cuda.set_per_process_memory_fraction), so an H200 shows the
+offload-fits-where-plain-does-not result with a model whose ~16 bytes/param of pinned host memory fits its host.
 Called from bench/gpu_check.sh; not run by CI (no GPU there).
 """
 import argparse
@@ -76,9 +79,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only-offload", action="store_true", help="skip the attempt without offload")
+    ap.add_argument("--mem-fraction", type=float, default=0.0, help="cap GPU memory to this fraction (0: none)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_dist.py needs CUDA")
+    if a.mem_fraction:
+        torch.cuda.set_per_process_memory_fraction(a.mem_fraction)
+        print(f"GPU memory capped at {a.mem_fraction:.0%}")
     print(f"device: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     rows = [] if a.only_offload else [attempt(a, offload=False)]
     rows.append(attempt(a, offload=True))

@@ -110,7 +110,8 @@ def batch_order(lengths, global_batch: int, seed: int, epoch: int, bucket: bool 
 def collate(examples: list, pad_id: int) -> dict:
     """-> input_ids (B, T), train_mask (B, T) bool (token t is a target: what the loss reads), labels (B, T) with
     -100 (HF's form of the same mask, for HF references), position_ids (B, T) or None, attention_mask: None (no
-    padding), (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows."""
+    padding), (B, T) padding mask, or (B, 1, T, T) bool block-diagonal causal mask for packed rows (which also get
+    segments: each row's example lengths, model.ops.Segments)."""
     if not isinstance(examples[0], Example):  # preference stages (data/pairs.py)
         return (collate_pairs if isinstance(examples[0], Pair) else collate_labelled)(examples, pad_id)
     T = max(len(e.ids) for e in examples)
@@ -139,6 +140,9 @@ def collate(examples: list, pad_id: int) -> dict:
         same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]
         out["attention_mask"] = (same & causal)[:, None]  # (B, 1, T, T)
         out["position_ids"] = pos
+        # the same rows as example lengths (a trailing pad run as one more): attention without the mask (model.ops)
+        out["segments"] = [np.unique(e.seg, return_counts=True)[1].tolist() + [T - len(e.seg)] * (T > len(e.seg))
+                           for e in examples]
     return out
 
 

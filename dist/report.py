@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from model.atomic import atomic_file
-from model.ops import native_half_gemm
+from model.ops import resolve_precision
 
 # metrics.jsonl keys drawn in the main panel or bookkeeping; every other number gets a panel of its own
 MAIN = ("step", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_s", "eval_loss", "eval_ppl")
@@ -89,7 +89,7 @@ def run_info(cfg, stats: dict, model, world: int, n_train: int, n_eval: int, tok
     import peft
     base = peft.unwrap(model)
     device = next(model.parameters()).device
-    prec = cfg.precision if cfg.precision != "auto" else "bf16" if native_half_gemm(device) else "fp32"
+    prec = resolve_precision(cfg.precision, device)
     frac = stats["trained_tokens"] / max(stats["tokens"], 1)
     ctx = base.cfg.max_position_embeddings
     warnings = [w for w, n in (

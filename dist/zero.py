@@ -277,7 +277,9 @@ class ZeroOptimizer:
         """torch.nn.utils.clip_grad_norm_ over the whole (sharded) gradient: the global L2 norm is the square
         root of the all-reduced sum of the shards' squared norms (padding is zero). Returns the norm."""
         self._reduce()
-        sq = sum((b.grad.double().pow(2).sum() for b in self.buckets), torch.zeros((), dtype=torch.float64))
+        # each shard's norm in one fp32 reduction (no fp64 copy of the gradient), squared and summed in fp64
+        sq = sum((torch.linalg.vector_norm(b.grad).double() ** 2 for b in self.buckets),
+                 torch.zeros((), dtype=torch.float64))
         sq = sq.to(self.device, torch.float32).reshape(1)
         if dist.is_initialized():
             dist.all_reduce(sq)
@@ -300,7 +302,13 @@ class ZeroOptimizer:
     def publish(self):
         """Copy the updated fp32 master shards into the compute weights (all-gathered unless stage 3)."""
         for b in self.buckets:
-            shard = b.master.to(self.device, self.dtype, non_blocking=True)
+            if self.master_device != self.device:  # offload from a GPU: cast INTO the pinned staging buffer, then
+                if b.staged is None:  # an async copy (`.to(cuda, bf16)` casts into a pageable temp, then blocks)
+                    b.staged = torch.empty(b.shard_numel, dtype=self.dtype, pin_memory=True)
+                # free: its backward copies were drained (synchronized) before the step read the gradients
+                shard = b.staged.copy_(b.master).to(self.device, non_blocking=True)
+            else:
+                shard = b.master.to(self.device, self.dtype, non_blocking=True)
             if b.sharded:
                 b.shard_param.copy_(shard)
                 zero3.free(b)  # a unit left gathered (e.g. by a no-grad forward) must be re-gathered

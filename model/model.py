@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelConfig  # noqa: F401  (importers' names)
 from .gemma import ScaledEmbedding, SoftcapLinear
 from .moe import SparseMoE
-from .ops import RecomputeSaved, SiluMul, attention
+from .ops import RecomputeSaved, Segments, SiluMul, attention
 from .rope import apply_rope, rope_cos_sin  # noqa: F401  (peft.llama_adapter and tests import them from here)
 
 
@@ -92,7 +92,7 @@ class Attention(nn.Module):
         return self.q_proj(x).view(B, T, -1, hd), self.k_proj(x).view(B, T, -1, hd), self.v_proj(x).view(B, T, -1, hd)
 
     def forward(self, x, cos, sin, mask, cache=None, prefix_kv=None):
-        """x: (B, T, D). mask: (B, 1, T, S) bool (True = attend) or None for plain causal.
+        """x: (B, T, D). mask: (B, 1, T, S) bool (True = attend), None for causal, or Segments (packed rows).
         prefix_kv: optional (k, v), each (B, n_kv, P, hd), prepended un-rotated (prefix tuning)."""
         B, T, _ = x.shape
         q, k, v = self.project(x)                          # (B, T, nh | n_kv, hd)
@@ -163,12 +163,20 @@ class Block(nn.Module):
 
 
 def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | None, device):
-    """Boolean attention mask (B or 1, 1, T, prefix + past + T), True = attend.
+    """Attention mask for ops.attention: a boolean (B or 1, 1, T, prefix + past + T), True = attend, or None / a
+    Segments where the fused kernels are exact without one.
 
-    attention_mask: None, a (B, past + T) padding mask (1 = token, 0 = pad), or a ready (B, 1, T, past + T)
-    boolean mask (e.g. block-diagonal for packed sequences). Prefix slots (prefix tuning) are always visible.
-    Returns None when plain causal attention is exact, so SDPA can take its fused causal path."""
+    attention_mask: None, a (B, past + T) padding mask (1 = token, 0 = pad), a ready (B, 1, T, past + T) boolean
+    mask (e.g. block-diagonal for packed sequences) or its Segments. Prefix slots (prefix tuning) are always visible.
+    Returns None when causal attention (aligned to the last key: ops.attention) is exact, Segments when the
+    packed rows need neither a cache, a prefix nor a window shorter than their longest example."""
     S = past + T
+    if isinstance(attention_mask, Segments):
+        if past == 0 and prefix == 0 and (window is None or attention_mask.max_len <= window):
+            return attention_mask
+        attention_mask = attention_mask.dense(device)
+    if attention_mask is None and (window is None or S <= window):
+        return None
     i = torch.arange(T, device=device)[:, None] + past       # query positions (T, 1)
     j = torch.arange(S, device=device)[None, :]               # key positions (1, S)
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -176,8 +184,6 @@ def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | Non
         if window is not None:  # packed rows hold each example contiguously: the window is a distance in the row
             mask = mask & (j > i - window)
     else:
-        if attention_mask is None and past == 0 and prefix == 0 and (window is None or T <= window):
-            return None
         mask = j <= i
         if window is not None:
             mask = mask & (j > i - window)
@@ -189,6 +195,19 @@ def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | Non
     # A query with nothing to attend to (a left-pad position) would give NaN, which then leaks into other rows
     # through 0 * NaN in the value product. Let such rows attend everywhere: their outputs are ignored anyway.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+def lean_mask(batch):
+    """The attention mask of a data.collate batch (CPU tensors) for a forward whose outputs are read only where
+    labels are, in its cheapest exact form: None for rows that are only right-padded (a real token sees only
+    earlier tokens, all real, so plain causal attention gives it the same output; the pad positions, whose
+    outputs differ, carry no labels), the Segments of packed rows, else the batch's mask."""
+    am = batch["attention_mask"]
+    if batch.get("segments") is not None:
+        return Segments(batch["segments"])
+    if am is not None and am.dim() == 2 and am.device.type == "cpu" and bool((am[:, 1:] <= am[:, :-1]).all()):
+        return None
+    return am
 
 
 class Decoder(nn.Module):
@@ -257,7 +276,9 @@ class Transformer(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    # drawn on the CPU (where the generator lives) whatever the default device: the same seed gives
+                    # the same weights on every device, and `with torch.device("cuda")` works
+                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
         return self
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,

@@ -2,9 +2,16 @@
 recomputation of saved activations, the chunked language-model loss, and where matrix products run for bf16/fp16
 on hardware without them."""
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+try:  # torch >= 2.9: FlashAttention's variable-length kernel (CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen
+except ImportError:
+    _varlen = None
 
 
 @functools.cache
@@ -23,6 +30,16 @@ def native_half_gemm(device) -> bool:
     return torch.device(device).type != "cpu" or _cpu_half_units()
 
 
+def resolve_precision(name: str, device) -> str:
+    """train.py's --precision for a device: "default" is bf16 autocast on CUDA (where fp32 training wastes the
+    tensor cores) and fp32 elsewhere; "auto" is bf16 wherever native_half_gemm; the others as given."""
+    if name == "default":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if name == "auto":
+        return "bf16" if native_half_gemm(device) else "fp32"
+    return name
+
+
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a `dtype` matrix product runs in. Where half-precision GEMMs are emulated (not
     native_half_gemm), the half-precision operands are multiplied in fp32 instead. That computes what a bf16/fp16
@@ -39,29 +56,92 @@ def gemm_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
-    """Causal (mask None) or masked SDPA with grouped K/V heads; `scale` defaults to head_dim^-1/2. Under bf16/fp16
-    autocast on a CPU without half-precision matrix units, the kernel runs in fp32 on rounded operands (see
-    gemm_dtype) and the output is rounded back, instead of the CPU's slower bf16 kernel (docs/train.md).
-    softcap: Gemma 2's soft-capped logits c * tanh(q.k / c), which SDPA can't do: the scores are formed
-    explicitly then (HF's eager path, fp32 softmax)."""
+    """Causal (mask None), packed (mask a Segments) or masked SDPA with grouped K/V heads; `scale` defaults to
+    head_dim^-1/2. mask None with fewer queries T than keys S (a KV cache, prefix keys) is causal aligned to the
+    last key (query t sees keys up to S - T + t: `causal_lower_right`, which the fused CUDA kernels take; T = 1 is
+    no mask at all). Under bf16/fp16 autocast on a CPU without half-precision matrix units, the kernel runs in fp32
+    on rounded operands (see gemm_dtype) and the output is rounded back, instead of the CPU's slower bf16 kernel
+    (docs/train.md). softcap: Gemma 2's soft-capped logits c * tanh(q.k / c), which SDPA can't do: the scores are
+    formed explicitly then (HF's eager path, fp32 softmax)."""
     dev = q.device
     amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-    gqa = k.shape[1] != q.shape[1]
     if softcap is not None:
         return _softcapped(q, k, v, mask, scale, softcap)
     if amp is not None and gemm_dtype(amp, dev) != amp:
         with torch.autocast(dev.type, enabled=False):
             q, k, v = (gemm_operand(t, amp) for t in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                                  enable_gqa=gqa).to(amp)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+            return attention(q, k, v, mask, scale).to(amp)
+    if isinstance(mask, Segments):
+        return _packed(q, k, v, mask, scale)
+    gqa = k.shape[1] != q.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    if mask is not None and gqa and dev.type == "cuda":
+        # CUDA's memory-efficient kernel (the one that takes a mask) has no grouped heads: repeat them, or SDPA
+        # falls back to its math kernel and its (B, nh, T, S) fp32 scores
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    if mask is None and 1 < T < S:
+        mask = causal_lower_right(T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == S, scale=scale,
                                           enable_gqa=gqa)
+
+
+class Segments:
+    """Packed rows without their (B, 1, T, T) block-diagonal mask: row b holds examples of lengths lens[b] back to
+    back (summing to T), each attending causally to itself only (a trailing run of padding is one more "example":
+    its outputs carry no labels; data.collate gives them as batch["segments"]). As FlashAttention-2's varlen
+    kernels take them: cu_seqlens, the offsets of the examples in the flattened (B*T) token stream."""
+
+    def __init__(self, lens: list[list[int]]):
+        self.lens, self.T, self.max_len = lens, sum(lens[0]), max(max(r) for r in lens)
+        self._cu = {}
+
+    def cu_seqlens(self, device) -> torch.Tensor:
+        """(n_examples + 1,) int32 offsets, built once per device."""
+        if device not in self._cu:
+            flat = torch.tensor([0] + [n for row in self.lens for n in row]).cumsum(0)
+            self._cu[device] = flat.to(device=device, dtype=torch.int32)
+        return self._cu[device]
+
+    def dense(self, device) -> torch.Tensor:
+        """The (B, 1, T, T) bool block-diagonal causal mask (True = attend), for paths that need one."""
+        seg = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in self.lens], device=device)
+        causal = torch.ones(self.T, self.T, dtype=torch.bool, device=device).tril()
+        return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def _packed(q, k, v, segs: Segments, scale):
+    """Block-diagonal causal attention of packed rows. CUDA, bf16/fp16: one varlen FlashAttention call over the
+    flattened rows (torch.nn.attention.varlen, GQA native). Elsewhere, exact: causal SDPA per example, which does
+    sum(n_i^2) work instead of the mask's T^2 (and on CPU takes the fused kernel too)."""
+    B, H, T, hd = q.shape
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _varlen is not None:
+        cu = segs.cu_seqlens(q.device)
+        qf, kf, vf = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))  # (B*T, heads, hd)
+        y = _varlen(qf, kf, vf, cu, cu, segs.max_len, segs.max_len, scale=scale, window_size=(-1, 0),
+                    enable_gqa=k.shape[1] != H)
+        return y.view(B, T, H, hd).transpose(1, 2)                             # (B, nh, T, hd)
+    gqa = k.shape[1] != H
+    rows = []
+    for b, lens in enumerate(segs.lens):
+        if len(lens) == 1:
+            out = [F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], is_causal=True, scale=scale,
+                                                  enable_gqa=gqa)]
+        else:
+            ends = list(itertools.accumulate(lens))                            # host ints: no device sync
+            out = [F.scaled_dot_product_attention(q[b:b + 1, :, e - n:e], k[b:b + 1, :, e - n:e],
+                                                  v[b:b + 1, :, e - n:e], is_causal=True, scale=scale,
+                                                  enable_gqa=gqa) for n, e in zip(lens, ends)]
+        rows.append(torch.cat(out, dim=2))
+    return torch.cat(rows, dim=0)                                              # (B, nh, T, hd)
 
 
 def _softcapped(q, k, v, mask, scale, cap):
     """softmax(mask(c tanh(q k^T s / c))) v with the (B, nh, T, S) scores formed explicitly."""
     T, S = q.shape[2], k.shape[2]
     rep = q.shape[1] // k.shape[1]
+    if isinstance(mask, Segments):
+        mask = mask.dense(q.device)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)     # (B, nh, S, hd)
     scores = (q @ k.transpose(2, 3)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     scores = torch.tanh(scores / cap) * cap
@@ -70,6 +150,13 @@ def _softcapped(q, k, v, mask, scale, cap):
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return probs @ v
+
+
+def ce_chunk(device) -> int:
+    """ChunkedCE's rows per (rows, vocab) logits block: 256 on a CPU, where the loss is memory-bound and a block
+    that stays in cache is fastest; 4096 on a GPU, where larger GEMMs fill the device (4096 x 49152 fp32 logits:
+    0.8 GB)."""
+    return 256 if torch.device(device).type == "cpu" else 4096
 
 
 class ChunkedCE(torch.autograd.Function):

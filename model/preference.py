@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .model import lean_mask
 from .ops import gemm_operand
 
 
@@ -62,8 +63,8 @@ def completion_logps(model, batch, device, chunk: int = 256):
     """Summed log-probs of each row's trained tokens (the completion) and their counts: (B,) fp32, (B,) long.
     `batch` is a collated batch (data.collate) whose train_mask marks the completion tokens."""
     ids = batch["input_ids"].to(device)
-    am, pos = batch["attention_mask"], batch["position_ids"]
-    hidden = model(ids, attention_mask=None if am is None else am.to(device),
+    am, pos = lean_mask(batch), batch["position_ids"]  # right padding: no mask (model.lean_mask)
+    hidden = model(ids, attention_mask=am.to(device) if isinstance(am, torch.Tensor) else am,
                    position_ids=None if pos is None else pos.to(device), hidden_only=True)     # (B, T, D)
     sel = batch["train_mask"][:, 1:].to(device)                                 # (B, T-1): token t+1 is scored
     rows = torch.arange(ids.shape[0], device=device)[:, None].expand_as(sel)[sel]  # (N,) the row of each token

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from model import checks
 from model.io import read_safetensors, stored_shapes
+from model.ops import Segments
 from model.weights import meta_device
 
 from .core import build_config, forwards_replaced
@@ -193,6 +194,8 @@ class PromptWrapper(VirtualTokenWrapper):
             position_ids = position_ids + n
             if first:
                 position_ids = torch.cat([torch.arange(n, device=x.device).expand(B, n), position_ids], dim=1)
+        if isinstance(attention_mask, Segments):  # packed rows: every example sees the virtual tokens, so a mask
+            attention_mask = attention_mask.dense(x.device)
         if attention_mask is not None:
             attention_mask = extend_mask(attention_mask, n, first)
         out = self.base(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,

@@ -74,28 +74,45 @@ def _notice(why: str):
         _noticed = True
 
 
-_codebooks = {}
+_codebooks = {}   # device -> the 16 NF4 + 256 dynamic-map floats
+_offsets = {}     # (device, nested offset) -> that fp32 scalar on the device: uploaded once, not per call
 
 
 def kernel_dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize CUDA tensors with our kernel into `out` (allocated if None), on the current stream."""
+    """Dequantize CUDA tensors with our kernel into `out` (allocated if None), on the current stream. Nothing is
+    copied host -> device per call (the codebooks and the double-quant offset are cached per device), so a call
+    is one kernel launch; a tensor on another device, non-contiguous or of the wrong dtype is a one-line error."""
     check_state(packed, state)
+    dev = packed.device
+    tensors = {"packed": packed, "absmax": state.absmax, "out": out}
+    if state.double_quant:
+        tensors["nested_absmax"] = state.nested_absmax
+    for name, t in tensors.items():
+        if t is not None and (t.device != dev or not t.is_contiguous()):
+            raise ValueError(f"kernel_dequantize: {name} must be a contiguous tensor on {dev} (got "
+                             f"{'non-contiguous' if t.device == dev else t.device})")
+    if dtype not in LAUNCHERS or (out is not None and (out.dtype != dtype or out.numel() != state.numel)):
+        raise ValueError(f"kernel_dequantize: dtype {dtype} / out {None if out is None else (out.dtype, out.numel())}"
+                         f": expected one of {', '.join(map(str, LAUNCHERS))} and {state.numel} elements")
     lib = _load()
     if not lib:
         raise RuntimeError("NF4 CUDA kernel unavailable (needs a CUDA GPU and nvcc)")
-    dev = packed.device
     if dev not in _codebooks:  # 16 NF4 floats then the 256 dynamic-map floats, one small upload per device
         _codebooks[dev] = torch.cat([NF4_CODE, DYNAMIC_CODE]).to(dev)
     n = state.numel
     if out is None:
         out = torch.empty(state.shape, dtype=dtype, device=dev)
-    assert out.is_contiguous() and out.numel() == n and out.dtype == dtype
-    packed = packed.contiguous()
     dq = state.double_quant
     # the offset is read by the kernel from device memory: no host sync for a 0-d CUDA tensor
     nested = state.nested_absmax if dq else state.absmax  # any valid pointer when unused
-    offset = torch.as_tensor(state.nested_offset if dq else 0.0, dtype=torch.float32, device=dev)
+    if dq and isinstance(state.nested_offset, torch.Tensor):  # already a tensor: no sync moving it (on `dev`)
+        offset = state.nested_offset.to(device=dev, dtype=torch.float32)
+    else:
+        key = (dev, float(state.nested_offset) if dq else 0.0)
+        if key not in _offsets:
+            _offsets[key] = torch.tensor(key[1], dtype=torch.float32, device=dev)
+        offset = _offsets[key]
     with torch.cuda.device(dev):  # the launch goes to the current device: make it the tensors' one
         rc = getattr(lib, LAUNCHERS[dtype])(
             out.data_ptr(), packed.data_ptr(), state.absmax.data_ptr(), nested.data_ptr(), offset.data_ptr(),
