@@ -43,7 +43,7 @@ class TrainConfig:
     model: str = ""                       # HF model directory or .gguf file; "": the embedded SmolLM2
     data: str = ""                        # training file(s), comma-separated
     out: str = "runs/train"
-    method: str = "lora"                  # full | qlora | a name from peft's method table
+    method: str = "lora"                  # full | qlora | lora8 (LLM.int8 base) | a name from peft's method table
     stage: str = "sft"                    # sft (chats, raw text) | dpo (chosen/rejected pairs) | kto (labelled)
     task: str = "causal_lm"               # causal_lm | classify (text -> label) | reward (scores chosen > rejected)
     labels: str = ""                      # --task classify: the label set, comma-separated ("": from the data)
@@ -148,7 +148,7 @@ def parse_args(argv=None) -> TrainConfig:
     for k, v in a.items():
         if v is not None:
             setattr(cfg, k, v) if k in own else cfg.method_args.__setitem__(k, v)
-    for k, v in (("method", ("full", "qlora", *methods)), ("schedule", ("cosine", "linear", "constant")),
+    for k, v in (("method", ("full", "qlora", "lora8", *methods)), ("schedule", ("cosine", "linear", "constant")),
                  ("precision", ("default", "fp32", "bf16", "fp16", "auto")), ("stage", ("sft", "dpo", "kto")),
                  ("pref_loss", ("sigmoid", "robust", "ipo", "simpo", "orpo"))):
         if getattr(cfg, k) not in v:
@@ -178,8 +178,8 @@ def parse_args(argv=None) -> TrainConfig:
             sys.exit(f"error: --{k.replace('_', '-')} {v}: expected a number {want}")
     if not cfg.max_steps and not cfg.epochs:
         sys.exit("error: --epochs 0 with --max-steps 0: nothing to train")
-    cls = None if cfg.method == "full" else methods["lora" if cfg.method == "qlora" else cfg.method][0]
-    used = {n for n, (c, _) in methods.items() if c is cls} | set(getattr(cls, "flags", ())) | {"qlora"}
+    cls = None if cfg.method == "full" else methods["lora" if cfg.method in ("qlora", "lora8") else cfg.method][0]
+    used = {n for n, (c, _) in methods.items() if c is cls} | set(getattr(cls, "flags", ())) | {"qlora", "lora8"}
     for k in sorted(set(cfg.method_args) - used):  # another method's option: said, not silently dropped
         print(f"warning: {'[' + k + ']' if k in methods else '--' + k.replace('_', '-')} is not an option of "
               f"--method {cfg.method}: ignored", file=sys.stderr)
@@ -195,6 +195,9 @@ def build_model(cfg: TrainConfig, device):
     elif cfg.method == "qlora":  # the base's linears are quantized to NF4 while loading, then LoRA on top
         from quant import qlora
         model = qlora.load_qlora(cfg.model, pcfg, dtype=torch.float32, device=device)
+    elif cfg.method == "lora8":  # LLM.int8 base (quantized while loading, or a load_in_8bit dir), LoRA on top
+        from quant import int8
+        model = int8.load_lora8(cfg.model, pcfg, dtype=torch.float32, device=device)
     else:  # prompt methods return a wrapper holding the base as .base; the others modify the base in place
         model = peft.apply(M.load_pretrained(cfg.model, dtype=torch.float32, device=device), pcfg)
     peft.unwrap(model).gradient_checkpointing = cfg.grad_checkpointing
@@ -331,9 +334,9 @@ def save_final(out: Path, model, cfg: TrainConfig, tok):
     else:
         where = peft.save_adapter(model, out / "adapter", base_model_path=cfg.model)
         merged = None
-        if cfg.merge and cfg.method == "qlora":  # into the DEQUANTIZED base: 4-bit codes would lose the delta
-            from quant import qlora
-            merged = qlora.merge_dequantized(model, torch.float32)
+        if cfg.merge and cfg.method in ("qlora", "lora8"):  # into the DEQUANTIZED base: codes would lose the delta
+            from quant import int8, qlora
+            merged = (qlora if cfg.method == "qlora" else int8).merge_dequantized(model, torch.float32)
         elif cfg.merge:  # fold the adapter into fp32 base weights, drop the wrappers
             try:
                 merged = peft.merge_and_unload(model.float())

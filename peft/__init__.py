@@ -118,11 +118,11 @@ def check_table(name: str, table: dict, source: str) -> dict:
 
 
 def method_config(method: str, args: dict, model_path: str = ""):
-    """train.py's --method (or qlora, LoRA over an NF4 base) -> its config dataclass: the fields the method's name
+    """train.py's --method (or qlora / lora8: LoRA over an NF4 / int8 base) -> its config dataclass: the fields the method's name
     presets, then its TOML table ([lora], or that of another name of the same config, e.g. [dora]), then its
     flags (which win, as flags do over TOML). args: train.py's method_args (flags and tables by name)."""
     methods = method_configs()
-    cls, kw = methods["lora" if method == "qlora" else method]
+    cls, kw = methods["lora" if method in ("qlora", "lora8") else method]
     kw = dict(kw)
     for name in [n for n, (c, _) in methods.items() if c is cls] + ["qlora"] * (cls is LoraConfig):
         kw.update(args.get(name, {}))

@@ -53,16 +53,19 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def merge_dequantized(model: nn.Module, dtype=torch.float32) -> nn.Module:
+def merge_dequantized(model: nn.Module, dtype=torch.float32, kinds=(NF4Weight,)) -> nn.Module:
     """Replace every QLoraLinear by nn.Linear(dequant(W) + s B A) and every NF4Linear by nn.Linear(dequant(W)),
-    in `dtype`, in place: the result is a plain model that model.save_pretrained writes as a normal HF dir."""
+    in `dtype`, in place: the result is a plain model that model.save_pretrained writes as a normal HF dir.
+    `kinds`: the quantized layer classes (quant/int8.py passes its own; DoRA there: m (W + s B A) / ||W + s B A||)."""
     for name, m in list(model.named_modules()):
-        if not isinstance(m, NF4Weight):
+        if not isinstance(m, kinds):
             continue
         with torch.no_grad():
             w = m.dequantize(torch.float32)                     # (out, in), merged in fp32 then cast once
-            if isinstance(m, QLoraLinear):
+            if isinstance(m, lora.LoraLinear):
                 w = w + m.delta_weight().float()
+            if isinstance(m, lora.DoraLinear):
+                w = (m.lora_magnitude_vector.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=dtype)
             lin.weight.copy_(w)
             if m.bias is not None:
