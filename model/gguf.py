@@ -1,9 +1,16 @@
-"""Read a llama-architecture GGUF file (llama.cpp's format): config, weights, tokenizer and chat template.
+"""Read a GGUF file (llama.cpp's format): config, weights, tokenizer and chat template. Architectures, by
+llama.cpp's names: llama (Mixtral is llama with expert_count), gemma, gemma2, gemma3, phi3, qwen2moe, qwen3moe.
 
-Two things differ from an HF checkpoint:
-- llama.cpp's rotary code rotates interleaved pairs (x0, x1), (x2, x3), ... while HF's rotate-half pairs
+What differs from an HF checkpoint (llama.cpp's convert_hf_to_gguf.py does the reverse):
+- llama.cpp's rotary code rotates interleaved pairs (x0, x1), (x2, x3), ... for llama while HF's rotate-half pairs
   x_i with x_{i+hd/2}. Its converter therefore permutes the rows of q_proj/k_proj within each head:
-  w.view(n_head, 2, hd/2, in).swapaxes(1, 2). We undo that: view(n_head, hd/2, 2, in).swapaxes(1, 2).
+  w.view(n_head, 2, hd/2, in).swapaxes(1, 2). We undo that: view(n_head, hd/2, 2, in).swapaxes(1, 2). (The other
+  architectures use the rotate-half ("NEOX") rotation: no permutation.)
+- Gemma's RMSNorm gains are stored as 1 + w (llama.cpp multiplies by the stored gain): we subtract the 1.
+- Experts are stacked, one (E, out, in) tensor per projection (`ffn_gate_exps`, ...): we split them into HF's
+  per-expert keys. Phi-3's LongRoPE factors are tensors (`rope_factors_long/short`): they go into rope_scaling.
+- What a GGUF can't say is what llama.cpp assumes: Gemma 2/3's query_pre_attn_scalar is head_dim (hidden/heads
+  for the 27B models), Gemma 3's sliding layers use rope base 10000, every MoE layer is sparse.
 - The tokenizer is stored as metadata (tokens, merges, token types, special ids). We rebuild a byte-level
   BPE `tokenizer.json` with `tokenizers`, splitting text the way the vocabulary's pre-tokenizer did.
 
@@ -39,11 +46,37 @@ TENSOR_NAMES = {  # GGUF name -> HF name ("{i}" = layer)
     "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
     "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",  # (Mixtral: block_sparse_moe, below)
+    "blk.{i}.ffn_gate_inp_shexp.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "blk.{i}.ffn_gate_shexp.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "blk.{i}.ffn_up_shexp.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "blk.{i}.ffn_down_shexp.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
 }
+GEMMA2_NORMS = {  # Gemma 2/3's sandwich norms: ffn_norm is the pre-feed-forward one there
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+EXPERTS = {"ffn_gate_exps": ("gate_proj", "w1"), "ffn_up_exps": ("up_proj", "w3"),  # stacked (E, out, in)
+           "ffn_down_exps": ("down_proj", "w2")}                                   # -> (Qwen name, Mixtral name)
+# llama.cpp architecture -> HF model_type (llama with experts: mixtral)
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+         "gemma3": "gemma3_text", "phi3": "phi3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+              "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM"}
+ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 # pre-tokenizers that split every digit on its own before the GPT-2 regex (llama.cpp's list)
 DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "gpt-2-digits")
 CACHE = Path(os.environ.get("NANOTUNE_CACHE", Path.home() / ".cache" / "nanotune"))
@@ -67,49 +100,117 @@ def _meta(reader) -> dict:
     return out
 
 
-def gguf_config(meta: dict, tensor_names, source) -> ModelConfig:
-    """The ModelConfig of a llama GGUF file's metadata. Its counts are checked first, by their GGUF keys: sizes
-    positive, the heads dividing the width, and block_count equal to the blocks whose tensors the file holds (a
-    hostile 0xFFFFFFFF would otherwise build ~4e9 layers)."""
+def gguf_config(meta: dict, tensors: dict, source) -> ModelConfig:
+    """The ModelConfig of a GGUF file's metadata (and, for Phi-3's LongRoPE, its rope factor tensors: `tensors`
+    name -> the reader's tensor). Its counts are checked first, by their GGUF keys: sizes positive, the heads
+    dividing the width, and block_count equal to the blocks whose tensors the file holds (a hostile 0xFFFFFFFF
+    would otherwise build ~4e9 layers)."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported (supported: llama)")
-    a = lambda k, default=None: meta.get(f"llama.{k}", default)  # noqa: E731
+    if arch not in ARCHS:
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    a = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
     try:
         for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
-            if a(k) is None:
-                raise CheckpointError(f"{source}: GGUF metadata llama.{k} is missing")
+            if a(k) is None and not (k == "feed_forward_length" and a("expert_feed_forward_length")):
+                raise CheckpointError(f"{source}: GGUF metadata {arch}.{k} is missing")
         for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
-                  "attention.head_count_kv", "rope.dimension_count", "vocab_size"):
+                  "attention.head_count_kv", "attention.key_length", "rope.dimension_count", "vocab_size",
+                  "expert_count", "expert_used_count", "expert_feed_forward_length",
+                  "expert_shared_feed_forward_length", "attention.sliding_window"):
             if a(k) is not None:
-                checks.size(a(k), source, f"llama.{k}")
-        for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+                checks.size(a(k), source, f"{arch}.{k}")
+        for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "attn_logit_softcapping",
+                  "final_logit_softcapping", "rope.scaling.factor"):
             if a(k) is not None:
-                checks.positive(a(k), source, f"llama.{k}")
+                checks.positive(a(k), source, f"{arch}.{k}")
         n_head, width = a("attention.head_count"), a("embedding_length")
-        if a("rope.dimension_count") is None and width % n_head:
-            raise CheckpointError(f"{source}: llama.embedding_length={width} is not a multiple of "
-                                  f"llama.attention.head_count={n_head}")
-        check_layers(a("block_count"), tensor_names, source, key="llama.block_count", prefix="blk.")
+        head_dim = a("attention.key_length") or (a("rope.dimension_count") if arch == "llama" else None)
+        if head_dim is None and width % n_head:
+            raise CheckpointError(f"{source}: {arch}.embedding_length={width} is not a multiple of "
+                                  f"{arch}.attention.head_count={n_head}")
+        head_dim = head_dim or width // n_head
+        check_layers(a("block_count"), tensors, source, key=f"{arch}.block_count", prefix="blk.")
         vocab = a("vocab_size") or len(checks.expect(meta.get("tokenizer.ggml.tokens"), list, source,
                                                      "tokenizer.ggml.tokens"))
-        d = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
-             "hidden_size": width, "intermediate_size": a("feed_forward_length"),
+        mt = "mixtral" if arch == "llama" and a("expert_count") else ARCHS[arch]
+        d = {"model_type": mt, "vocab_size": vocab, "hidden_size": width,
+             "intermediate_size": a("feed_forward_length") or a("expert_feed_forward_length"),
              "num_hidden_layers": a("block_count"), "num_attention_heads": n_head,
-             "num_key_value_heads": a("attention.head_count_kv", n_head),
-             "head_dim": a("rope.dimension_count", width // n_head),
+             "num_key_value_heads": a("attention.head_count_kv", n_head), "head_dim": head_dim,
              "rms_norm_eps": float(np.float32(a("attention.layer_norm_rms_epsilon", 1e-5))),
              "rope_theta": float(a("rope.freq_base", 10000.0)), "max_position_embeddings": a("context_length", 4096),
-             "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensor_names,
+             "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensors,
              "attention_bias": False, "mlp_bias": False,
              "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
              "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
              "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+        d["architectures"] = [HF_CLASSES[mt]]
         # the float32 epsilon as stored (9.9999997e-06) is 1e-5 written in fp32; keep the decimal HF configs use
         d["rms_norm_eps"] = float(f"{d['rms_norm_eps']:.6g}")
+        _arch_config(d, a, arch, tensors, source)
         return ModelConfig.from_hf(d, source=str(source))
     except ValueError as e:  # checks' and from_hf's errors (d's keys are HF's: they map 1:1 to the GGUF keys above)
         raise CheckpointError(str(e)) from None
+
+
+def _arch_config(d: dict, a, arch: str, tensors: dict, source):
+    """config.json's keys beyond llama's for the other architectures, from `arch.*` metadata (a) or llama.cpp's
+    assumptions, into `d`."""
+    mt = d["model_type"]
+    if arch in ("qwen2", "qwen2moe"):
+        d["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+    if mt.startswith("gemma"):
+        d["hidden_activation"] = d["hidden_act"] = "gelu_pytorch_tanh"
+        d["tie_word_embeddings"] = "output.weight" not in tensors
+    if mt in ("gemma2", "gemma3_text"):
+        big = d["num_hidden_layers"] == (46 if mt == "gemma2" else 62)  # the 27B models (llama.cpp's test)
+        d["query_pre_attn_scalar"] = d["hidden_size"] // d["num_attention_heads"] if big else d["head_dim"]
+        d["sliding_window"] = a("attention.sliding_window", 4096)
+        d["final_logit_softcapping"] = a("final_logit_softcapping")
+        if mt == "gemma2":
+            d["attn_logit_softcapping"] = a("attn_logit_softcapping")
+        else:
+            d["rope_local_base_freq"] = float(a("rope.freq_base_swa", 10000.0))  # llama.cpp's default for Gemma 3
+            pattern = a("attention.sliding_window_pattern", 6)  # every n-th layer global, or per layer: sliding?
+            if isinstance(pattern, list):
+                d["layer_types"] = ["sliding_attention" if b else "full_attention" for b in pattern]
+            else:
+                d["sliding_window_pattern"] = pattern
+            if a("rope.scaling.type") == "linear":
+                d["rope_scaling"] = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+    if arch == "phi3":
+        d["sliding_window"] = a("attention.sliding_window")
+        rot = a("rope.dimension_count", d["head_dim"])
+        d["partial_rotary_factor"] = rot / d["head_dim"]
+        if ROPE_FACTORS[0] in tensors:
+            long, short = (np.asarray(tensors[n].data, dtype=np.float32).tolist() for n in ROPE_FACTORS)
+            d["rope_scaling"] = {"rope_type": "longrope", "long_factor": long, "short_factor": short}
+            d["original_max_position_embeddings"] = a("rope.scaling.original_context_length", d["max_position_embeddings"])
+    if mt in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        d["num_local_experts" if mt == "mixtral" else "num_experts"] = a("expert_count")
+        d["num_experts_per_tok"] = a("expert_used_count")
+        d["moe_intermediate_size"] = a("expert_feed_forward_length", d["intermediate_size"])
+        d["shared_expert_intermediate_size"] = a("expert_shared_feed_forward_length")
+        d["norm_topk_prob"] = bool(a("expert_weights_norm", mt == "qwen3_moe"))  # llama.cpp: on for Qwen3-MoE
+        for k in ("expert_count", "expert_used_count"):
+            if a(k) is None:
+                raise CheckpointError(f"{source}: GGUF metadata {arch}.{k} is missing")
+
+
+def _hf_names(cfg: ModelConfig) -> dict:
+    """GGUF tensor name -> HF name(s) for `cfg`: one name, or a stacked expert tensor's per-expert names."""
+    names = {**TENSOR_NAMES, **(GEMMA2_NORMS if cfg.sandwich_norms else {})}
+    if cfg.fused_qkv:  # Phi-3: ffn_up is the fused [gate | up]
+        names["blk.{i}.ffn_up.weight"] = "model.layers.{i}.mlp.gate_up_proj.weight"
+    ffn = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        out.update({g.format(i=i): h.format(i=i).replace(".mlp.gate.", f".{ffn}.gate.") for g, h in names.items()})
+        for g, hf in EXPERTS.items():
+            proj = hf[cfg.model_type == "mixtral"]
+            out[f"blk.{i}.{g}.weight"] = [f"model.layers.{i}.{ffn}.experts.{j}.{proj}.weight"
+                                          for j in range(cfg.num_experts)]
+    return out
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -119,23 +220,32 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def gguf_weights(path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and the state dict (HF names, rotate-half q/k rows, dequantized to `dtype`) of a GGUF file."""
+    """The config and the state dict (HF names, rotate-half q/k rows, Gemma's gains less 1, experts one by one,
+    dequantized to `dtype`) of a GGUF file."""
     from gguf import GGMLQuantizationType, dequantize
     reader = _reader(path)
     meta = _meta(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = gguf_config(meta, tensors, path)
-    names = {}
-    for i in range(cfg.num_hidden_layers):
-        names.update({g.format(i=i): h.format(i=i) for g, h in TENSOR_NAMES.items()})
+    names = _hf_names(cfg)
     for name in tensors:
-        if name not in names:
+        if name not in names and not (cfg.model_type == "phi3" and name in ROPE_FACTORS):
             if name == "rope_freqs.weight":  # llama3 rope factors precomputed by llama.cpp
                 raise CheckpointError(f"{path}: GGUF with rope_freqs (llama-3.1 rope scaling) is not supported")
-            raise CheckpointError(f"{path}: unexpected GGUF tensor {name}")
+            raise CheckpointError(f"{path}: unexpected GGUF tensor {name} (for {meta['general.architecture']})")
+    tensors = {n: t for n, t in tensors.items() if n in names}
     # every shape checked against the config before any tensor is dequantized (GGUF lists dims fastest-first)
     shapes = {name: tuple(int(s) for s in reversed(t.shape.tolist())) for name, t in tensors.items()}
-    check_shapes(meta_model(cfg), {names[n]: shape for n, shape in shapes.items()}, path, "the GGUF metadata")
+    hf_shapes = {}
+    for n, shape in shapes.items():
+        if isinstance(names[n], list):  # stacked experts (E, out, in): each expert's (out, in)
+            if shape[0] != cfg.num_experts:
+                raise CheckpointError(f"{path}: GGUF tensor {n} stacks {shape[0]} experts, the metadata says "
+                                      f"{cfg.num_experts}")
+            hf_shapes.update({h: shape[1:] for h in names[n]})
+        else:
+            hf_shapes[names[n]] = shape
+    check_shapes(meta_model(cfg), hf_shapes, path, "the GGUF metadata")
     sd = {}
     for name, t in progress(tensors.items(), f"converting {Path(path).name}", unit="tensor"):
         try:
@@ -147,12 +257,16 @@ def gguf_weights(path, dtype=torch.float32, device="cpu") -> tuple[ModelConfig, 
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {first_line(e)})") \
                 from None
-        hf = names[name]
-        if name.endswith("attn_q.weight"):
+        if cfg.norm_offset and name.endswith("norm.weight"):  # Gemma: stored as 1 + w
+            w = w - cfg.norm_offset
+        if cfg.model_type in ("llama", "mixtral") and name.endswith("attn_q.weight"):
             w = unpermute_qk(w, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
+        elif cfg.model_type in ("llama", "mixtral") and name.endswith("attn_k.weight"):
             w = unpermute_qk(w, cfg.num_key_value_heads)
-        sd[hf] = w.to(device=device, dtype=dtype)
+        if isinstance(names[name], list):
+            sd.update({h: e.to(device=device, dtype=dtype) for h, e in zip(names[name], w.unbind(0))})
+        else:
+            sd[names[name]] = w.to(device=device, dtype=dtype)
     return cfg, sd
 
 

@@ -191,7 +191,10 @@ def build_mask(attention_mask, T: int, past: int, prefix: int, window: int | Non
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
     if prefix:
-        mask = torch.cat([mask.new_ones(*mask.shape[:3], prefix), mask], dim=-1)
+        seen = mask.new_ones(*mask.shape[:3], prefix)
+        if window is not None:  # as in HF + PEFT: the prefix is the oldest past, out of a query's window as tokens are
+            seen = seen & (torch.arange(prefix, device=device) > i + prefix - window)
+        mask = torch.cat([seen, mask], dim=-1)
     # A query with nothing to attend to (a left-pad position) would give NaN, which then leaks into other rows
     # through 0 * NaN in the value product. Let such rows attend everywhere: their outputs are ignored anyway.
     return mask | ~mask.any(-1, keepdim=True)

@@ -129,12 +129,15 @@ def aux_loss(model: nn.Module, attention_mask=None):
     """The routers' load-balancing loss of `model`'s last forward (transformers' `aux_loss` with
     output_router_logits), 0 for a dense model. attention_mask: that forward's (B, T) padding mask, if any
     (a packed (B, 1, T, S) mask has no padding)."""
-    blocks = [m for m in model.modules() if isinstance(m, SparseMoE) and m.router_logits is not None]
-    if not blocks:
+    # duck-typed: a PEFT wrapper around a SparseMoE (MAM's parallel adapter) passes its router_logits on
+    logits = [m.router_logits for m in model.modules() if getattr(m, "router_logits", None) is not None]
+    if not logits:
         return 0.0
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-    return load_balancing_loss([b.router_logits for b in blocks], model.cfg.num_experts,
-                               model.cfg.num_experts_per_tok, mask)
+    if mask is not None and logits[0].shape[0] > mask.numel():  # prompt tuning's virtual tokens lead each row,
+        B = mask.shape[0]                                       # always attended (PEFT's prefix_attention_mask)
+        mask = torch.cat([mask.new_ones(B, logits[0].shape[0] // B - mask.shape[1]), mask], dim=1)
+    return load_balancing_loss(logits, model.cfg.num_experts, model.cfg.num_experts_per_tok, mask)
 
 
 def router_loss(model: nn.Module, attention_mask=None):

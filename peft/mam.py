@@ -70,10 +70,14 @@ class ParallelAdapterMLP(nn.Module):
         self.__dict__["mlp"] = mlp  # not a child: its children are ours, below
         for name, child in mlp.named_children():
             self.add_module(name, child)
-        w = mlp.down_proj.weight  # adapter weights stay fp32 over a half-precision base, as in core.LinearWrapper
+        w = next(mlp.parameters())  # adapter weights stay fp32 over a half-precision base, as in core.LinearWrapper
         add_bottleneck(self, d, cfg.adapter_size, cfg.activation, device,
                        w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32)
         self.scaling = cfg.scaling
+
+    @property
+    def router_logits(self):  # a mixture of experts' last router logits (moe.aux_loss), None for a dense MLP
+        return getattr(self.mlp, "router_logits", None)
 
     def forward(self, x, *args):
         y = self.mlp(x, *args)                                       # (B, T, d)
@@ -84,10 +88,12 @@ CONFIGS = (MamConfig,)
 
 
 def add_parallel_adapters(model: nn.Module, cfg) -> nn.Module:
-    """Replace every decoder layer's `mlp` by a ParallelAdapterMLP; freeze all but the adapters."""
+    """Replace every decoder layer's feed-forward block (`mlp`, Mixtral's `block_sparse_moe`; a dense MLP or a
+    mixture of experts) by a ParallelAdapterMLP; freeze all but the adapters."""
     d = model.cfg.hidden_size
     for layer in model.model.layers:
-        layer.mlp = ParallelAdapterMLP(layer.mlp, d, cfg, layer.mlp.down_proj.weight.device)
+        ffn = getattr(layer, layer.ffn_name)
+        setattr(layer, layer.ffn_name, ParallelAdapterMLP(ffn, d, cfg, next(ffn.parameters()).device))
     # (merging the prefix or a non-linear adapter into W is impossible: no merge / unmerge here)
     core.freeze(model)
     return model
