@@ -28,6 +28,8 @@ from model.model import Transformer
 from model.weights import CheckpointError, check_layers, load_state_dict_into, meta_model
 from peft.lora import DoraLinear, LoraConfig, LoraLinear
 
+from .linear import NF4LinearFunction
+
 THRESHOLD = 6.0                  # alpha: an input column with any |x| >= alpha is an outlier column
 INV_127 = 7.874015718698502e-3   # 1/127 and 1/127² as the fp32 constants bitsandbytes multiplies by
 INV_127_SQ = 6.200124e-05
@@ -86,20 +88,15 @@ def int8_linear(x2: torch.Tensor, cb, scb, bias, threshold: float) -> torch.Tens
     return y
 
 
-class Int8LinearFunction(torch.autograd.Function):
-    """y = LLM.int8(x, W8) + b; backward dL/dx = dL/dy · dequant(W8) (W8 rebuilt, nothing weight-sized kept)."""
+class Int8LinearFunction(NF4LinearFunction):
+    """y = LLM.int8(x, W8) + b; backward is NF4LinearFunction's, dL/dx = dL/dy · layer.dequantize() (W8 rebuilt,
+    nothing weight-sized kept)."""
 
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer, ctx.bias_grad = layer, bias is not None and bias.requires_grad
         y = int8_linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.SCB, bias, layer.threshold)
         return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, g):                                                 # g: (..., out)
-        gx = g @ ctx.layer.dequantize(g.dtype) if ctx.needs_input_grad[0] else None   # (..., in)
-        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.bias_grad else None
-        return gx, gb, None
 
 
 class Int8Weight:
