@@ -31,7 +31,7 @@ def argv(s, out, *extra):
 
 
 def test_unregistered_method_is_unknown(setup, tmp_path):
-    with pytest.raises(SystemExit, match="^error: --method 'toy_scale': expected one of full, qlora, lora, dora"):
+    with pytest.raises(SystemExit, match="^error: --method 'toy_scale': expected one of full, qlora, lora8, lora, dora, "):
         train.parse_args(argv(setup, tmp_path / "x"))
 
 
