@@ -112,6 +112,13 @@ def build(path, method: str, pcfg, device="cpu"):
     return model.eval()
 
 
+def cast(t: torch.Tensor, dtype) -> torch.Tensor:
+    """t.to(dtype); a zero-stride stand-in of `build` stays one (.to would allocate it whole)."""
+    if t.numel() > 1 and not any(t.stride()):
+        return torch.empty(1, dtype=dtype, device=t.device).expand(t.shape)
+    return t.to(dtype)
+
+
 class ShardSource:
     """Reads this rank's slices of a model's tensors from its safetensors files, counting the bytes read."""
 

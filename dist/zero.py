@@ -360,6 +360,11 @@ class ZeroOptimizer:
             dist.all_reduce(bad)
         return bad.item() == 0
 
+    def saving(self, model, stream=None, whole: bool = False, extra=None):
+        """train.py's final save, streamed under stage 3 (dist/save.py); every rank enters."""
+        from .save import saving
+        return saving(self, model, stream, whole, extra)
+
     def gathered(self):
         """A context in which stage 3's weights are whole on every rank (e.g. to save the model); every rank
         enters it. Stages 1 and 2 keep whole weights anyway."""

@@ -182,9 +182,10 @@ class Gatherer:
 
 
 @contextlib.contextmanager
-def gathered_params(opt):
-    """All stage-3 weights materialized (e.g. to save the model); every rank must enter it."""
-    for b in opt.buckets + opt.frozen:
+def gathered_params(opt, frozen: bool = True):
+    """All stage-3 weights materialized (e.g. to save the model; frozen=False: the trainable ones only, e.g.
+    for an adapter); every rank must enter it."""
+    for b in opt.buckets + (opt.frozen if frozen else []):
         if b.sharded:
             gather(b)
     try:
