@@ -208,7 +208,8 @@ class ShardSource:
             full, absmaxes = [], []
             for s in subs:
                 n = s.out_features * s.in_features
-                p, st = quantize_nf4(self.read(self.key_of[id(s._buffers["weight"])], 0, n).to(torch.float32), s.blocksize)
+                w = self.read(self.key_of[id(s._buffers["weight"])], 0, n)
+                p, st = quantize_nf4(w.to(torch.float32), s.blocksize)
                 full.append(p.view(-1))
                 absmaxes.append(st.absmax)
             codes = torch.cat(full + [torch.zeros(pb.padded - pb.numel, dtype=torch.uint8)])[pb.lo:pb.hi].clone()

@@ -175,7 +175,8 @@ class ZeroOptimizer:
         for p, v in zip(b.params, b.views(b.full)):
             p.data = v  # the model's weights now live in the flat buffer: gathers write straight into them
         if b.sharded:
-            b.shard_param = b.full[b.lo:b.hi].clone() if src is None else b.master.to(self.device, self.dtype, copy=True)
+            b.shard_param = b.full[b.lo:b.hi].clone() if src is None else \
+                b.master.to(self.device, self.dtype, copy=True)
             zero3.free(b)
         if self.stage == 1:  # autograd accumulates in place into these views (micro-batches add up)
             b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=self.device)

@@ -63,7 +63,8 @@ def load_job(path, method):
                 save_pretrained(ref, out + "-whole")
         if opt.rank == 0:
             got, want = (M.load_pretrained(out + s).state_dict() for s in ("-streamed", "-whole"))
-            same += [len([f for f in os.listdir(out + "-streamed") if f.startswith("model-")]) == 4, got.keys() == want.keys()]
+            shards = [f for f in os.listdir(out + "-streamed") if f.startswith("model-")]
+            same += [len(shards) == 4, got.keys() == want.keys()]
             same += [torch.equal(got[k], want[k]) for k in want]
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     units = [sum(p.numel() * 4 for p in m.parameters()) for m in peft.unwrap(ref).model.layers]
