@@ -5,7 +5,8 @@ under torchrun on a random-init llama (char tokenizer, vocab 128), fp32, 1 threa
     python bench/bench_zero3_frozen.py [--layers 16 --hidden 1536 --methods lora full --worlds 1 2 4 --steps 1]
 Reads each run's --out/memory.json (dist/ledger.py, after step 1): measured frozen / trainable-state tensor
 bytes per rank, the process's RSS then, and its peak RSS (ru_maxrss: the load and step 1 included). Prints a
-markdown table with each peak relative to the same method and stage on 1 rank.
+markdown table with each peak relative to the same method and stage on 1 rank. The environment is passed on:
+`MALLOC_MMAP_THRESHOLD_=1048576 python bench/...` makes glibc return freed blocks (stage 3 frees a block per step).
 """
 import argparse
 import json
