@@ -47,6 +47,9 @@ else
     section "NF4 kernel and QLoRA vs HF + PEFT + bitsandbytes" 140 python3 bench/gpu_check.py
     section "ZeRO-2 offload under a GPU memory cap" 80 python3 bench/gpu_dist.py --layers 12 --steps 3 --mem-fraction 0.3
 fi
+if [ $CPU = 0 ]; then  # issue 12: ZeRO-3 LoRA + QLoRA, one NCCL rank, random ~8B llama (max_memory_allocated)
+    section "ZeRO-3 LoRA and QLoRA step, 1 NCCL rank, random 8B llama" 300 python3 bench/gpu_zero3.py
+fi
 echo -e "\n## exit statuses\n" | tee -a "$LOG"
 fail=0
 for s in "${status[@]}"; do echo "- $s" | tee -a "$LOG"; [[ "$s" == *"exit 0" ]] || fail=1; done
