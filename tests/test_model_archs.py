@@ -212,6 +212,34 @@ def test_moe_checkpoint_keys_are_per_expert(hf):
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= keys
 
 
+@pytest.mark.parametrize("name", MOES)
+def test_grouped_expert_dispatch_equals_the_per_expert_loop(name):
+    """The grouped_mm path (plain experts) gives the per-expert loop's output and gradients bit for bit, an unused
+    expert included (its gradients zero); a LoRA-wrapped expert block takes the loop."""
+    import peft
+    torch.manual_seed(0)
+    block = nt.model.SparseMoE(nt.ModelConfig.from_hf(CONFIGS[name]), torch.nn.functional.silu)
+    with torch.no_grad():
+        block.gate.weight[3] = -100.0  # expert 3 is never chosen (positive inputs)
+    x = torch.rand(3, 20, block.gate.weight.shape[1])
+    looped = nt.model.SparseMoE(nt.ModelConfig.from_hf(CONFIGS[name]), torch.nn.functional.silu)
+    looped.load_state_dict(block.state_dict())
+    first = next(iter(looped.experts[0].named_children()))[0]
+    setattr(looped.experts[0], first, torch.nn.Sequential(getattr(looped.experts[0], first)))  # wrapped: the loop
+    assert block.grouped and not looped.grouped
+    grads = []
+    for b in (block, looped):
+        xi = x.clone().requires_grad_()
+        y = b(xi)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([y, xi.grad] + [p.grad for p in b.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(p.grad.abs().max() == 0 for p in block.experts[3].parameters())
+    down = "w2" if name == "mixtral" else "down_proj"
+    lora = peft.apply(nt.Transformer(nt.ModelConfig.from_hf(CONFIGS[name])), peft.LoraConfig(r=2, targets=[down]))
+    assert not any(m.grouped for m in lora.modules() if isinstance(m, nt.model.SparseMoE))
+
+
 @pytest.mark.parametrize("bad,msg", [
     ({"model_type": "mixtral", "router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
     ({"model_type": "qwen3_moe", "num_experts_per_tok": 9}, "num_experts_per_tok=9 exceeds num_experts=4"),
