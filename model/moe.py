@@ -14,12 +14,12 @@ checkpoints load and save 1:1 and every PEFT method (LoRA, QLoRA, IA3, ...) reac
 
 Dispatch: the (token, slot) pairs are sorted by expert once, the experts run on their contiguous slices, and a
 single index_add scatters the weighted outputs back (transformers' loop re-scans a one-hot mask per expert). With
-plain nn.Linear experts (full fine-tuning, frozen experts) on the CPU, outside autocast, the experts' weights are
-stacked and all slices run in two grouped matmuls (`torch._grouped_mm`, one for gate+up, one for down: the same
-products, bit for bit, as the loop, and faster); any wrapped expert (LoRA, IA3, NF4, ...) keeps the loop of module
-calls, so every PEFT method sees its module. Every expert runs, an empty slice included, so each parameter gets a
-gradient (zero when unused): data-parallel reductions and ZeRO buckets (one per decoder block) see the same set of
-gradients on every rank and step.
+plain nn.Linear experts (full fine-tuning, frozen experts) on the CPU, in one process, outside autocast, the
+experts' weights are stacked and all slices run in three grouped matmuls (`torch._grouped_mm`: gate, up, down; the
+loop's products bit for bit, somewhat faster: README, Benchmarks; the stacked copies live until backward); a
+wrapped expert (LoRA, IA3, NF4, ...) keeps the loop of module calls, so every PEFT method sees its module. Every
+expert runs, an empty slice included, so each parameter gets a gradient (zero when unused): data-parallel
+reductions and ZeRO buckets (one per decoder block) see the same set of gradients on every rank and step.
 
 The router's auxiliary load-balancing loss (Switch Transformers, eq. 4-6) is `load_balancing_loss`, from the router
 logits each block keeps from its last forward (`router_logits`).
@@ -99,7 +99,7 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(e.reshape(-1), minlength=self.n_experts).tolist()
         token = order // self.top_k                                  # (N*k,) the token of each sorted pair
         xs = x[token]                                                # (N*k, D)
-        if self.grouped and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if self.grouped and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and not _distributed():
             ys = self._grouped(xs, counts)
         else:
             ys = torch.cat([ex(part) for ex, part in zip(self.experts, xs.split(counts))])
@@ -124,6 +124,11 @@ class SparseMoE(nn.Module):
             w = torch.stack([getattr(ex, n).weight for ex in self.experts])  # that xs's gradient sums as the loop's
             return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
         return mm(self.experts[0].act(mm(xs, names[0])) * mm(xs, names[1]), names[2])  # (N*k, D)
+
+
+def _distributed() -> bool:
+    # ZeRO-3 frees a block's gathered weights after its forward: a stacked copy saved for backward would keep them
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def load_balancing_loss(router_logits: list, n_experts: int, top_k: int, attention_mask=None):
