@@ -4,10 +4,13 @@ Qwen3-MoE) at a ~100M-parameter random config, ours vs transformers (+ HF PEFT),
 Each (architecture, method, side) runs in its own fresh process (peak RSS is per process), `python -P` outside the
 repo so that HF's peft is the one imported on the transformers side. fp32, AdamW, median step time after a warm-up
 step. LoRA: r=8 on the attention projections (q_proj, v_proj; Phi-3's fused qkv_proj), the same on both sides.
-The dispatch bench times one MoE block forward + backward: our sorted dispatch vs transformers' expert loop
-(`experts_implementation="eager"`) and its default (`grouped_mm`).
+The dispatch bench times one MoE block forward + backward (all its weights trained, or the experts frozen as
+under LoRA on attention), in alternating rounds: our sorted dispatch (grouped_mm; and its per-expert loop, which a
+wrapped expert takes) vs transformers' expert loop (`experts_implementation="eager"`) and its default
+(`grouped_mm`).
 
     python bench/bench_archs.py [--steps 3] [--batch 4] [--seq 256] [--threads 2] [--archs gemma2,mixtral]
+                                [--dispatch-tokens 4096] [--rounds 7] [--dispatch-only]
 """
 import argparse
 import json
@@ -89,21 +92,15 @@ sys.path.append(sys.argv[1])  # after transformers: our model package only (no p
 from model import ModelConfig
 from model.moe import SparseMoE
 torch.set_num_threads(int(sys.argv[2]))
-N, reps = int(sys.argv[3]), 5
+N, reps = int(sys.argv[3]), int(sys.argv[5])
 cfg = json.loads(sys.argv[4])
 torch.manual_seed(0)
 x = torch.randn(1, N, cfg["hidden_size"])
 ours = SparseMoE(ModelConfig.from_hf(cfg), torch.nn.functional.silu)
-res = {}
-def bench(block):
-    times = []
-    for _ in range(reps + 1):
-        xi = x.clone().requires_grad_()
-        t0 = time.perf_counter()
-        block(xi).sum().backward()
-        times.append(time.perf_counter() - t0)
-    return N / statistics.median(times[1:])
-res["nanotune (sorted dispatch)"] = bench(ours)
+loop = SparseMoE(ModelConfig.from_hf(cfg), torch.nn.functional.silu)
+loop.load_state_dict(ours.state_dict())
+loop.experts[0].w1 = torch.nn.Sequential(loop.experts[0].w1)  # a wrapped expert: the per-expert loop
+blocks = {"nanotune (grouped_mm)": ours, "nanotune (per-expert loop)": loop}
 for impl in ("eager", "grouped_mm"):
     c = AutoConfig.for_model(**cfg)
     c._experts_implementation = impl
@@ -112,8 +109,23 @@ for impl in ("eager", "grouped_mm"):
         hf.gate.weight.copy_(ours.gate.weight)
         hf.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in ours.experts]))
         hf.experts.down_proj.copy_(torch.stack([e.w2.weight for e in ours.experts]))
-        assert (hf(x) - ours(x)).abs().max() < 1e-4
-    res[f"transformers ({impl})"] = bench(hf)
+    blocks[f"transformers ({impl})"] = hf
+with torch.no_grad():
+    assert all((b(x)[0] if isinstance(b(x), tuple) else b(x)).sub(ours(x)).abs().max() < 1e-4 for b in blocks.values())
+res = {}
+for mode in ("full", "frozen"):  # frozen: the experts' weights need no gradient (LoRA on attention)
+    for b in blocks.values():
+        for n, p in b.named_parameters():
+            p.requires_grad_(mode == "full" or "gate." in n)
+    times = {k: [] for k in blocks}
+    for r in range(reps + 1):  # alternating rounds; the first is a warm-up
+        for k, b in blocks.items():
+            xi = x.clone().requires_grad_()
+            t0 = time.perf_counter()
+            y = b(xi)
+            (y[0] if isinstance(y, tuple) else y).square().mean().backward()
+            times[k].append(time.perf_counter() - t0)
+    res[mode] = {k: N / statistics.median(t[1:]) for k, t in times.items()}
 print(json.dumps(res))
 """
 
@@ -140,10 +152,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--dispatch-tokens", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=7, help="dispatch bench: timed rounds")
+    ap.add_argument("--dispatch-only", action="store_true")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in args.archs.split(","):
+        for arch in [] if args.dispatch_only else args.archs.split(","):
             d = os.path.join(tmp, arch)
             n = int(python_P(MAKE, json.dumps({**BASE, **ARCHS[arch]}), d))
             targets = ["qkv_proj"] if arch == "phi3" else ["q_proj", "v_proj"]
@@ -162,13 +176,13 @@ def main():
             print(f"| {arch} ({n / 1e6:.0f}M) | {m} | {o['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
                   f"{o['tokens_per_s'] / h['tokens_per_s']:.2f}x | {o['peak_rss_gb']:.2f} | {h['peak_rss_gb']:.2f} |")
     moe = {**BASE, **ARCHS["mixtral"], "num_hidden_layers": 1}
-    res = json.loads(python_P(DISPATCH, REPO, args.threads, args.dispatch_tokens, json.dumps(moe)))
-    ours = res["nanotune (sorted dispatch)"]
-    print(f"\nMoE block forward + backward, {args.dispatch_tokens} tokens, 8 experts top-2, hidden 768, "
-          f"expert width 512, median of 5:\n\n| dispatch | tokens/s | nanotune vs it |\n|---|---|---|")
-    for k, v in res.items():
-        print(f"| {k} | {v:.0f} | {ours / v:.2f}x |")
-
+    res = json.loads(python_P(DISPATCH, REPO, args.threads, args.dispatch_tokens, json.dumps(moe), args.rounds))
+    print(f"\nMoE block forward + backward, {args.dispatch_tokens} tokens, 8 experts top-2, hidden 768, expert width "
+          f"512, median of {args.rounds} alternating rounds:\n\n| dispatch | experts | tokens/s | "
+          f"nanotune (grouped_mm) vs it |\n|---|---|---|---|")
+    for mode, r in res.items():
+        for k, v in r.items():
+            print(f"| {k} | {mode} | {v:.0f} | {r['nanotune (grouped_mm)'] / v:.2f}x |")
 
 if __name__ == "__main__":
     main()

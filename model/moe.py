@@ -12,9 +12,13 @@ w3`, Qwen `mlp.experts.<j>.gate_proj/up_proj/down_proj`), the layout transformer
 checkpoints load and save 1:1 and every PEFT method (LoRA, QLoRA, IA3, ...) reaches experts by the same names.
 (In memory, transformers 5 fuses them into 3-D tensors; its conversion mapping splits them back on save.)
 
-Dispatch: the (token, slot) pairs are sorted by expert once, each expert runs one matmul on its contiguous slice,
-and a single index_add scatters the weighted outputs back (transformers' loop re-scans a one-hot mask per expert).
-Every expert runs, an empty slice included, so each parameter gets a gradient (zero when unused): data-parallel
+Dispatch: the (token, slot) pairs are sorted by expert once, the experts run on their contiguous slices, and a
+single index_add scatters the weighted outputs back (transformers' loop re-scans a one-hot mask per expert). With
+plain nn.Linear experts (full fine-tuning, frozen experts) on the CPU, in one process, outside autocast, the
+experts' weights are stacked and all slices run in three grouped matmuls (`torch._grouped_mm`: gate, up, down; the
+loop's products bit for bit, somewhat faster: README, Benchmarks; the stacked copies live until backward); a
+wrapped expert (LoRA, IA3, NF4, ...) keeps the loop of module calls, so every PEFT method sees its module. Every
+expert runs, an empty slice included, so each parameter gets a gradient (zero when unused): data-parallel
 reductions and ZeRO buckets (one per decoder block) see the same set of gradients on every rank and step.
 
 The router's auxiliary load-balancing loss (Switch Transformers, eq. 4-6) is `load_balancing_loss`, from the router
@@ -95,12 +99,36 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(e.reshape(-1), minlength=self.n_experts).tolist()
         token = order // self.top_k                                  # (N*k,) the token of each sorted pair
         xs = x[token]                                                # (N*k, D)
-        ys = torch.cat([ex(part) for ex, part in zip(self.experts, xs.split(counts))])
+        if self.grouped and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and not _distributed():
+            ys = self._grouped(xs, counts)
+        else:
+            ys = torch.cat([ex(part) for ex, part in zip(self.experts, xs.split(counts))])
         ys = ys * w.reshape(-1)[order, None]                         # (N*k, D) weighted, fp32 for Mixtral
         out = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(B, T, D)
+
+
+    @property
+    def grouped(self) -> bool:
+        """Whether every expert projection is a plain nn.Linear (no adapter or quantized layer in the way)."""
+        return all(type(m) is nn.Linear for ex in self.experts for m in ex.children())
+
+    def _grouped(self, xs, counts):
+        """The experts' SwiGLU over the sorted slices in two grouped matmuls. xs: (N*k, D), counts: (E,)."""
+        names = ("w1", "w3", "w2") if self.mixtral else ("gate_proj", "up_proj", "down_proj")
+        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)  # (E,) each slice's end
+
+        def mm(a, n):  # a: (N*k, in) @ every expert's n.weight^T (E, in, out); gate and up stay two products so
+            w = torch.stack([getattr(ex, n).weight for ex in self.experts])  # that xs's gradient sums as the loop's
+            return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+        return mm(self.experts[0].act(mm(xs, names[0])) * mm(xs, names[1]), names[2])  # (N*k, D)
+
+
+def _distributed() -> bool:
+    # ZeRO-3 frees a block's gathered weights after its forward: a stacked copy saved for backward would keep them
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def load_balancing_loss(router_logits: list, n_experts: int, top_k: int, attention_mask=None):

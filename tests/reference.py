@@ -86,15 +86,21 @@ def padded_batch(T: int = 12, vocab: int = 128):
     return ids, mask
 
 
+def kv_cache_logits(model, ids, prefill: int = 6) -> torch.Tensor:
+    """(B, T, V) logits of KV-cache decoding: a prefill of `prefill` tokens, then one token at a time."""
+    from model import KVCache
+    with torch.no_grad():
+        cache = KVCache(model.cfg.num_hidden_layers)
+        steps = [model(ids[:, :prefill], cache=cache)]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    return torch.cat(steps, 1)
+
+
 def kv_cache_error(model, T: int = 10, prefill: int = 6) -> float:
     """Max-abs difference between the logits of KV-cache decoding (a prefill, then one token at a time) and of one
     full forward, on padded_batch's ids."""
-    from model import KVCache
     ids, _ = padded_batch(T)
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.cfg.num_hidden_layers)
-        steps = [model(ids[:, :prefill], cache=cache)]
-        for t in range(prefill, T):
-            steps.append(model(ids[:, t:t + 1], cache=cache))
-    return (torch.cat(steps, 1) - full).abs().max().item()
+    return (kv_cache_logits(model, ids, prefill) - full).abs().max().item()

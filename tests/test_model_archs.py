@@ -8,7 +8,7 @@ import torch
 
 import model as nt
 from model import load_pretrained, save_pretrained
-from tests.reference import kv_cache_error, padded_batch, run_reference, tiny_hf_config
+from tests.reference import kv_cache_error, kv_cache_logits, padded_batch, run_reference, tiny_hf_config
 
 T = 12
 MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
@@ -47,7 +47,11 @@ CONFIGS = {
                                     max_position_embeddings=8),
 }
 MOES = ("mixtral", "qwen2_moe", "qwen3_moe")
-KV = ("gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "llama-yarn")
+KV = ("gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "llama-yarn", "llama-yarn-mscale")
+# scalings that depend on the sequence length (longrope's short/long factors, dynamic NTK's base): the keys cached
+# before the original context is passed keep their rotation, in transformers too, so cached decoding across it is not
+# one full forward; it is compared with transformers' cached decoding instead (and longrope: a prefill past it == full)
+KV_HF = ("phi3-longrope", "llama-dynamic")
 
 
 _batch = padded_batch
@@ -84,6 +88,13 @@ def hf(tmp_path_factory):
                                                           **moe).loss.reshape(1)
                         for j, r in enumerate(o.router_logits):
                             res[f"{{name}}/{{tag}}/router{{j}}"] = r
+                if name in {list(KV_HF)!r}:  # cached decoding: a prefill of 6 tokens, then one at a time
+                    o = model(input_ids=x["ids"][:, :6], use_cache=True)
+                    steps = [o.logits]
+                    for t in range(6, x["ids"].shape[1]):
+                        o = model(input_ids=x["ids"][:, t:t + 1], past_key_values=o.past_key_values, use_cache=True)
+                        steps.append(o.logits)
+                    res[f"{{name}}/kv"] = torch.cat(steps, 1)
         save_file(res, "out.safetensors")
     """, work, {"ids": ids, "mask": mask, "labels": ids.masked_fill(~_trained(mask), -100)})
     return work, out
@@ -152,13 +163,25 @@ def test_kv_cache_generation_equals_full_forward(hf, name):
     assert kv_cache_error(load_pretrained(hf[0] / name)) <= 1e-5
 
 
+@pytest.mark.parametrize("name", KV_HF)
+def test_kv_cache_decoding_across_the_original_context_matches_transformers(hf, name):
+    ids, _ = _batch()
+    model = load_pretrained(hf[0] / name)
+    steps = kv_cache_logits(model, ids, prefill=6)  # positions 6..11 cross the original context (8)
+    assert (steps - hf[1][name + "/kv"]).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert (steps - model(ids)).abs().max() > 1e-4  # (the rotation did change: not one full forward)
+    if name == "phi3-longrope":  # every position past the original context: the long factors throughout
+        assert kv_cache_error(model, T=12, prefill=9) <= 1e-5
+
+
 def test_saved_models_load_in_transformers(hf, tmp_path):
     """Our save_pretrained output (MoE experts in the per-expert on-disk layout, Phi-3's fused projections,
     Gemma's tied head) gives transformers the same logits."""
     work, _ = hf
     ids, _ = _batch()
     want = {}
-    for name in ("gemma2", "gemma3_text", "phi3-longrope", "mixtral", "qwen2_moe", "qwen3_moe"):
+    for name in ("gemma", "gemma2", "gemma3_text", "phi3", "phi3-longrope", "mixtral", "qwen2_moe", "qwen3_moe"):
         model = load_pretrained(work / name)
         save_pretrained(model, tmp_path / name, max_shard_bytes=60_000)  # several shards
         with torch.no_grad():
@@ -187,6 +210,34 @@ def test_moe_checkpoint_keys_are_per_expert(hf):
             "model.layers.1.mlp.gate_proj.weight"} <= keys
     keys = set(load_pretrained(hf[0] / "phi3").state_dict())
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= keys
+
+
+@pytest.mark.parametrize("name", MOES)
+def test_grouped_expert_dispatch_equals_the_per_expert_loop(name):
+    """The grouped_mm path (plain experts) gives the per-expert loop's output and gradients bit for bit, an unused
+    expert included (its gradients zero); a LoRA-wrapped expert block takes the loop."""
+    import peft
+    torch.manual_seed(0)
+    block = nt.model.SparseMoE(nt.ModelConfig.from_hf(CONFIGS[name]), torch.nn.functional.silu)
+    with torch.no_grad():
+        block.gate.weight[3] = -100.0  # expert 3 is never chosen (positive inputs)
+    x = torch.rand(3, 20, block.gate.weight.shape[1])
+    looped = nt.model.SparseMoE(nt.ModelConfig.from_hf(CONFIGS[name]), torch.nn.functional.silu)
+    looped.load_state_dict(block.state_dict())
+    first = next(iter(looped.experts[0].named_children()))[0]
+    setattr(looped.experts[0], first, torch.nn.Sequential(getattr(looped.experts[0], first)))  # wrapped: the loop
+    assert block.grouped and not looped.grouped
+    grads = []
+    for b in (block, looped):
+        xi = x.clone().requires_grad_()
+        y = b(xi)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([y, xi.grad] + [p.grad for p in b.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert all(p.grad.abs().max() == 0 for p in block.experts[3].parameters())
+    down = "w2" if name == "mixtral" else "down_proj"
+    lora = peft.apply(nt.Transformer(nt.ModelConfig.from_hf(CONFIGS[name])), peft.LoraConfig(r=2, targets=[down]))
+    assert not any(m.grouped for m in lora.modules() if isinstance(m, nt.model.SparseMoE))
 
 
 @pytest.mark.parametrize("bad,msg", [
