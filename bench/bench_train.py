@@ -2,6 +2,10 @@
 
     python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 2] [--precisions fp32,bf16] [--model DIR]
                                 [--workloads packed,sft,docs] [--batch 8] [--seq 128]
+    python bench/bench_train.py --scaling 512,1024,2048,4096 [--tokens 4096] [--workloads packed]
+
+--scaling: one table row pair per sequence length T, with B = --tokens / T (the same tokens per step), for the
+seq-len scaling of peak RSS and tokens/s.
 
 SmolLM2-135M-Instruct, CPU, LoRA r8 alpha16 on all linear layers, B8 x T128, the same token batches for both:
   packed text:        every position is a target (continued pre-training rows)
@@ -171,6 +175,8 @@ def main():
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch", type=int, default=B)
     ap.add_argument("--seq", type=int, default=T)
+    ap.add_argument("--scaling", default=None, help="comma-separated sequence lengths, B = --tokens / T")
+    ap.add_argument("--tokens", type=int, default=4096)
     a = ap.parse_args()
     B, T = a.batch, a.seq
     if a.worker:
@@ -200,11 +206,12 @@ def main():
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; matmul peak fp32 "
           f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s"
           + ("" if native_bf16 else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
-    print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
+    shapes = [(a.tokens // t, t) for t in map(int, a.scaling.split(","))] if a.scaling else [(B, T)]
+    print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B x T {', '.join(f'{b}x{t}' for b, t in shapes)}, "
           f"median of {a.rounds} x {a.steps} steps after {a.warmup} warmup each\n")
     print("| workload | B x T | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for workload in a.workloads.split(","):
+    for (B, T), workload in ((shape, w) for shape in shapes for w in a.workloads.split(",")):
         for precision in a.precisions.split(","):
             # rounds in alternating order (hf, ours, ours, hf, ...): a slow spell of a shared machine then hits
             # both sides; the step time is the median over every timed step of every round
