@@ -3,6 +3,7 @@
     python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 2] [--precisions fp32,bf16] [--model DIR]
                                 [--workloads packed,sft,docs] [--batch 8] [--seq 128]
     python bench/bench_train.py --scaling 512,1024,2048,4096 [--tokens 4096] [--workloads packed]
+    python -P bench/bench_train.py --worker ours --profile --model DIR --workload sft --precision fp32  (from /tmp)
 
 --scaling: one table row pair per sequence length T, with B = --tokens / T (the same tokens per step), for the
 seq-len scaling of peak RSS and tokens/s.
@@ -71,7 +72,7 @@ def batch(workload: str, vocab: int):
     return ids, labels, lens, pos, mask
 
 
-def worker_ours(model_dir, workload, precision, steps, warmup, dense=False):
+def worker_ours(model_dir, workload, precision, steps, warmup, dense=False, profile=False):
     import torch
     sys.path.insert(0, str(REPO))
     import train
@@ -92,6 +93,11 @@ def worker_ours(model_dir, workload, precision, steps, warmup, dense=False):
         t = time.perf_counter()
         train.train_step(model, mb, opt, sched, cfg, device)
         times.append(time.perf_counter() - t)
+    if profile:  # one more step under torch.profiler: where the time goes, by op (self time)
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            train.train_step(model, mb, opt, sched, cfg, device)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return times[warmup:]
 
 
@@ -177,6 +183,7 @@ def main():
     ap.add_argument("--seq", type=int, default=T)
     ap.add_argument("--scaling", default=None, help="comma-separated sequence lengths, B = --tokens / T")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="--worker ours: print torch.profiler's top ops of a step")
     a = ap.parse_args()
     B, T = a.batch, a.seq
     if a.worker:
@@ -185,7 +192,8 @@ def main():
         if a.worker == "hf":
             times = worker_hf(a.model, a.workload, a.precision, a.steps, a.warmup)
         else:
-            times = worker_ours(a.model, a.workload, a.precision, a.steps, a.warmup, dense=a.worker == "ours-dense")
+            times = worker_ours(a.model, a.workload, a.precision, a.steps, a.warmup, dense=a.worker == "ours-dense",
+                                profile=a.profile)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_rss_gb": rss}))
         return
