@@ -2,6 +2,11 @@
 
     python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 2] [--precisions fp32,bf16] [--model DIR]
                                 [--workloads packed,sft,docs] [--batch 8] [--seq 128]
+    python bench/bench_train.py --scaling 512,1024,2048,4096 [--tokens 4096] [--workloads packed]
+    python -P bench/bench_train.py --worker ours --profile --model DIR --workload sft --precision fp32  (from /tmp)
+
+--scaling: one table row pair per sequence length T, with B = --tokens / T (the same tokens per step), for the
+seq-len scaling of peak RSS and tokens/s.
 
 SmolLM2-135M-Instruct, CPU, LoRA r8 alpha16 on all linear layers, B8 x T128, the same token batches for both:
   packed text:        every position is a target (continued pre-training rows)
@@ -67,7 +72,7 @@ def batch(workload: str, vocab: int):
     return ids, labels, lens, pos, mask
 
 
-def worker_ours(model_dir, workload, precision, steps, warmup, dense=False):
+def worker_ours(model_dir, workload, precision, steps, warmup, dense=False, profile=False):
     import torch
     sys.path.insert(0, str(REPO))
     import train
@@ -88,6 +93,11 @@ def worker_ours(model_dir, workload, precision, steps, warmup, dense=False):
         t = time.perf_counter()
         train.train_step(model, mb, opt, sched, cfg, device)
         times.append(time.perf_counter() - t)
+    if profile:  # one more step under torch.profiler: where the time goes, by op (self time)
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            train.train_step(model, mb, opt, sched, cfg, device)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return times[warmup:]
 
 
@@ -171,6 +181,9 @@ def main():
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch", type=int, default=B)
     ap.add_argument("--seq", type=int, default=T)
+    ap.add_argument("--scaling", default=None, help="comma-separated sequence lengths, B = --tokens / T")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="--worker ours: print torch.profiler's top ops of a step")
     a = ap.parse_args()
     B, T = a.batch, a.seq
     if a.worker:
@@ -179,7 +192,8 @@ def main():
         if a.worker == "hf":
             times = worker_hf(a.model, a.workload, a.precision, a.steps, a.warmup)
         else:
-            times = worker_ours(a.model, a.workload, a.precision, a.steps, a.warmup, dense=a.worker == "ours-dense")
+            times = worker_ours(a.model, a.workload, a.precision, a.steps, a.warmup, dense=a.worker == "ours-dense",
+                                profile=a.profile)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_rss_gb": rss}))
         return
@@ -200,11 +214,12 @@ def main():
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; matmul peak fp32 "
           f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s"
           + ("" if native_bf16 else " (no AMX/AVX512-BF16: the fp32 peak)"), flush=True)
-    print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B{B} x T{T}, "
+    shapes = [(a.tokens // t, t) for t in map(int, a.scaling.split(","))] if a.scaling else [(B, T)]
+    print(f"model {a.model}, LoRA r{R} a{ALPHA} all-linear, B x T {', '.join(f'{b}x{t}' for b, t in shapes)}, "
           f"median of {a.rounds} x {a.steps} steps after {a.warmup} warmup each\n")
     print("| workload | B x T | precision | impl | tokens/s | speed-up | peak RSS GB | RSS ratio | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for workload in a.workloads.split(","):
+    for (B, T), workload in ((shape, w) for shape in shapes for w in a.workloads.split(",")):
         for precision in a.precisions.split(","):
             # rounds in alternating order (hf, ours, ours, hf, ...): a slow spell of a shared machine then hits
             # both sides; the step time is the median over every timed step of every round

@@ -11,7 +11,9 @@
 #   4. bench/gpu_check.py: NF4 bit-exact table, dequant GB/s vs copy and vs bitsandbytes, QLoRA ~1.1B vs
 #      HF + PEFT + bitsandbytes
 #   5. bench/gpu_dist.py: ZeRO-2 full FT of a ~2.7B llama (12 layers) under a GPU memory cap, without / with offload
-# Dry run on a CPU: bash bench/gpu_check.sh --smoke-cpu (tiny model, sections 3-4 on the CPU, the rest skipped).
+# Dry run on a CPU: bash bench/gpu_check.sh --smoke-cpu (tiny model: sections 1-4 on the CPU with the CUDA-only
+# parts skipped (no nvidia-smi / nvcc; test_quant_cuda.py's tests skip), section 5 skipped: it needs CUDA; CPU time
+# limits, since a shared 2-core machine runs the six tiny train.py runs in minutes).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUTDIR="${OUT:-/tmp}"
@@ -32,14 +34,18 @@ if [ $CPU = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (bitsan
     export PYTHONPATH=/tmp/site
 fi
 env_facts() {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) \
+        || echo "no nvidia-smi on PATH"
     python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
     (command -v nvcc >/dev/null && nvcc --version | tail -1) || echo "no nvcc on PATH"
     python3 -P -c "import bitsandbytes, transformers, peft; print('bitsandbytes', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
 }
 if [ $CPU = 1 ]; then
-    section "smoke (CPU dry run)" 300 python3 bench/gpu_smoke.py --cpu
-    section "QLoRA section (CPU dry run)" 200 python3 bench/gpu_check.py --smoke-cpu
+    section "environment (CPU dry run)" 60 bash -c "$(declare -f env_facts); env_facts"
+    section "tests/test_quant_cuda.py (CPU dry run: skips without CUDA)" 300 python3 -m pytest -q -p no:cacheprovider tests/test_quant_cuda.py
+    section "smoke (CPU dry run)" 1500 python3 bench/gpu_smoke.py --cpu
+    section "QLoRA section (CPU dry run)" 600 python3 bench/gpu_check.py --smoke-cpu
+    echo "(bench/gpu_dist.py: skipped on the CPU, it needs CUDA)" | tee -a "$LOG"
 else
     section "environment" 20 bash -c "$(declare -f env_facts); env_facts"
     section "tests/test_quant_cuda.py" 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant_cuda.py

@@ -2,7 +2,6 @@
 recomputation of saved activations, the chunked language-model loss, and where matrix products run for bf16/fp16
 on hardware without them."""
 import functools
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +85,13 @@ def attention(q, k, v, mask, scale: float | None = None, softcap: float | None =
                                           enable_gqa=gqa)
 
 
+# On a CPU, each SDPA call has a fixed cost (thread dispatch, buffers: several ms forward + backward for SmolLM2's
+# heads) while the masked kernel's work grows as T^2. The per-example loop pays when the query-key pairs it avoids,
+# B T^2 - sum(n_i^2), come to at least this many per call it makes (bench/bench_attention.py: the dense mask wins at
+# ~50k pairs avoided per call, the loop from ~100k; README: Benchmarks).
+LOOP_PAIRS_PER_CALL = 75_000
+
+
 class Segments:
     """Packed rows without their (B, 1, T, T) block-diagonal mask: row b holds examples of lengths lens[b] back to
     back (summing to T), each attending causally to itself only (a trailing run of padding is one more "example":
@@ -94,7 +100,13 @@ class Segments:
 
     def __init__(self, lens: list[list[int]]):
         self.lens, self.T, self.max_len = lens, sum(lens[0]), max(max(r) for r in lens)
-        self._cu = {}
+        self.calls = sum(map(len, lens))                                       # examples: SDPA calls of the loop
+        self.avoided = len(lens) * self.T ** 2 - sum(n * n for r in lens for n in r)  # pairs the loop skips
+        self._cu, self._dense = {}, {}
+
+    def loop_pays(self) -> bool:
+        """Whether the exact per-example loop beats one masked SDPA call on a CPU (LOOP_PAIRS_PER_CALL)."""
+        return self.avoided >= LOOP_PAIRS_PER_CALL * self.calls
 
     def cu_seqlens(self, device) -> torch.Tensor:
         """(n_examples + 1,) int32 offsets, built once per device."""
@@ -104,34 +116,37 @@ class Segments:
         return self._cu[device]
 
     def dense(self, device) -> torch.Tensor:
-        """The (B, 1, T, T) bool block-diagonal causal mask (True = attend), for paths that need one."""
-        seg = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in self.lens], device=device)
-        causal = torch.ones(self.T, self.T, dtype=torch.bool, device=device).tril()
-        return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        """The (B, 1, T, T) bool block-diagonal causal mask (True = attend), built once per device (every layer
+        of a forward shares it)."""
+        device = torch.device(device)
+        if device not in self._dense:
+            seg = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in self.lens], device=device)
+            causal = torch.ones(self.T, self.T, dtype=torch.bool, device=device).tril()
+            self._dense[device] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        return self._dense[device]
 
 
 def _packed(q, k, v, segs: Segments, scale):
     """Block-diagonal causal attention of packed rows. CUDA, bf16/fp16: one varlen FlashAttention call over the
     flattened rows (torch.nn.attention.varlen, GQA native). Elsewhere, exact: causal SDPA per example, which does
-    sum(n_i^2) work instead of the mask's T^2 (and on CPU takes the fused kernel too)."""
+    sum(n_i^2) work instead of the mask's T^2 (and on CPU takes the fused kernel too); but on a CPU, when the
+    examples are short (Segments.loop_pays), one SDPA call with the dense mask, whose fixed cost is paid once."""
     B, H, T, hd = q.shape
+    gqa = k.shape[1] != H
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _varlen is not None:
         cu = segs.cu_seqlens(q.device)
         qf, kf, vf = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))  # (B*T, heads, hd)
-        y = _varlen(qf, kf, vf, cu, cu, segs.max_len, segs.max_len, scale=scale, window_size=(-1, 0),
-                    enable_gqa=k.shape[1] != H)
+        y = _varlen(qf, kf, vf, cu, cu, segs.max_len, segs.max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
         return y.view(B, T, H, hd).transpose(1, 2)                             # (B, nh, T, hd)
-    gqa = k.shape[1] != H
+    if q.device.type == "cpu" and not segs.loop_pays():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=segs.dense(q.device), scale=scale, enable_gqa=gqa)
     rows = []
-    for b, lens in enumerate(segs.lens):
-        if len(lens) == 1:
-            out = [F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], is_causal=True, scale=scale,
-                                                  enable_gqa=gqa)]
-        else:
-            ends = list(itertools.accumulate(lens))                            # host ints: no device sync
-            out = [F.scaled_dot_product_attention(q[b:b + 1, :, e - n:e], k[b:b + 1, :, e - n:e],
-                                                  v[b:b + 1, :, e - n:e], is_causal=True, scale=scale,
-                                                  enable_gqa=gqa) for n, e in zip(lens, ends)]
+    # unbind / split, not slices: their backward is one stack / cat, where each slice's would be a zero-filled
+    # gradient of the whole tensor
+    for qb, kb, vb, lens in zip(q.unbind(0), k.unbind(0), v.unbind(0), segs.lens):  # (heads, T, hd) each
+        out = [F.scaled_dot_product_attention(qe[None], ke[None], ve[None], is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
+               for qe, ke, ve in zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1))]
         rows.append(torch.cat(out, dim=2))
     return torch.cat(rows, dim=0)                                              # (B, nh, T, hd)
 

@@ -57,8 +57,12 @@ def assert_same(a, b, valid):
         assert (ga[n] - gb[n]).abs().max() <= TOL, n
 
 
+@pytest.mark.parametrize("branch", ["loop", "one masked call"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_packed_rows_without_the_mask(name):
+def test_packed_rows_without_the_mask(name, branch, monkeypatch):
+    """Both CPU branches of packed attention (the per-example loop, one SDPA call with Segments' own mask) equal the
+    batch's dense mask."""
+    monkeypatch.setattr(M.ops, "LOOP_PAIRS_PER_CALL", 0 if branch == "loop" else float("inf"))
     model = tiny(name)
     b = packed_batch()
     segs = M.lean_mask(b)
@@ -130,3 +134,24 @@ def test_prefix_tuning_without_a_mask(name):
          "train_mask": torch.arange(ids.shape[1]).expand_as(ids) > 0}
     ones = torch.ones_like(ids)  # an all-ones padding mask: today's dense (B, 1, T, P + T) path
     assert_same(loss_and_grads(model, b, None), loss_and_grads(model, b, ones), ones.bool())
+
+
+def test_packed_branch_choice(monkeypatch):
+    """The CPU picks the loop for long examples and one masked call for short ones (Segments.loop_pays), and the two
+    agree on the same rows: outputs and q/k/v gradients <= 1e-5, GQA and MHA."""
+    short, long = M.ops.Segments([[40, 64, 24], [18, 32, 78]]), M.ops.Segments([[650, 686, 297, 415]])
+    assert not short.loop_pays() and long.loop_pays()
+    assert short.avoided == 2 * 128 ** 2 - sum(n * n for n in (40, 64, 24, 18, 32, 78)) and short.calls == 6
+    g = torch.Generator().manual_seed(0)
+    for segs in (short, M.ops.Segments([[300, 212], [512]])):
+        B, T = len(segs.lens), segs.T
+        for kv in (2, 4):
+            qkv = [torch.randn(B, h, T, 16, generator=g, requires_grad=True) for h in (4, kv, kv)]
+            w = torch.randn(B, 4, T, 16, generator=g)
+            outs = []
+            for pairs in (0, float("inf")):  # loop, then one masked call
+                monkeypatch.setattr(M.ops, "LOOP_PAIRS_PER_CALL", pairs)
+                y = M.ops.attention(*qkv, segs)
+                outs.append([y.detach(), *torch.autograd.grad((y * w).sum(), qkv)])
+            for a, b in zip(*outs):
+                assert (a - b).abs().max() <= TOL
