@@ -80,23 +80,126 @@ def context(rec: dict, shots: list[dict]) -> str:
     return "".join(s + "\n\n" for s in shown) + TEXT.format(**rec)
 
 
+def encode_pair(tok, ctx: str, choices: list[str], max_len: int) -> tuple[list[int], list[list[int]]]:
+    """lm-eval's HF tokenisation: context and context + " " + choice encoded with the tokenizer's defaults (its
+    add_special_tokens=True: a BOS where the tokenizer adds one), the continuation being the tail of the second
+    after len(context tokens). The context is left-truncated so the longest choice fits max_len + 1 tokens (lm-eval
+    truncates per choice: shorter choices would keep more context there; only for contexts near max_len)."""
+    ctx_ids = tok.encode(ctx)
+    conts = [tok.encode(ctx + " " + c)[len(ctx_ids):] for c in choices]
+    if any(not c for c in conts):
+        raise TaskError(f"a choice of {choices!r} encodes to no tokens after its context")
+    keep = max_len + 1 - max(len(c) for c in conts)
+    if keep < 1:
+        raise TaskError(f"a choice of {choices!r} is longer than the model's {max_len} positions")
+    return ctx_ids[-keep:] if len(ctx_ids) > keep else ctx_ids, conts
+
+
+def pack(ctx_ids: list[int], conts: list[list[int]], window: int | None) -> list[dict]:
+    """One question -> rows of [context | choice 1 | choice 2 ...] (a prefix tree, as in SpecInfer's tree
+    attention): every choice sees the whole context and its own earlier tokens only, at positions C, C+1, ...
+    so the context is computed once for all choices. A row holds each choice's tokens but its last (nothing is
+    predicted after it); score positions: the last context token predicts cont[0], cont[t-1]'s predicts cont[t].
+    A sliding window counts row offsets (build_mask), so a row longer than the window holds one choice."""
+    C = len(ctx_ids)
+    packed = C + sum(len(c) - 1 for c in conts)
+    groups = [list(range(len(conts)))] if window is None or packed <= window else [[i] for i in range(len(conts))]
+    rows = []
+    for g in groups:
+        ids, pos, seg, where, tgt, owner = list(ctx_ids), list(range(C)), [-1] * C, [], [], []
+        for i in g:
+            c = conts[i]
+            where += [C - 1] + list(range(len(ids), len(ids) + len(c) - 1))
+            ids += c[:-1]
+            pos += list(range(C, C + len(c) - 1))
+            seg += [i] * (len(c) - 1)
+            tgt += c
+            owner += [i] * len(c)
+        rows.append({"ids": ids, "pos": pos, "seg": seg, "where": where, "tgt": tgt, "owner": owner})
+    return rows
+
+
+def common_prefix(rows: list[dict]) -> int:
+    """How many leading tokens every row shares (the k-shot examples, "Question:"), keeping each row's last
+    context token out of it (it predicts the first choice token)."""
+    first, n = rows[0]["ids"], min(r["where"][0] for r in rows)
+    for r in rows:
+        n = next((i for i in range(n) if r["ids"][i] != first[i]), n)
+    return n
+
+
 @torch.no_grad()
-def choice_logliks(model, tok, ctx: str, choices: list[str]) -> list[float]:
-    """Summed log p(" choice" | ctx) per choice: the context once (KV cache), the choices as one batch."""
-    ctx_ids = tok.encode(ctx, add_special_tokens=False)
-    conts = [tok.encode(ctx + " " + c, add_special_tokens=False)[len(ctx_ids):] for c in choices]
+def prefix_cache(model, ids: list[int]) -> KVCache | None:
+    """The KV cache of the tokens every question starts with, computed once per task."""
+    if not ids:
+        return None
     cache = KVCache(model.cfg.num_hidden_layers)
-    first = torch.log_softmax(model(torch.tensor([ctx_ids]), cache=cache)[0, -1].float(), -1)  # (V,) p(cont_0)
-    n, T = len(choices), max(len(c) for c in conts)
-    cache.k = [k.expand(n, -1, -1, -1) for k in cache.k]   # one context, shared by every choice row
-    cache.v = [v.expand(n, -1, -1, -1) for v in cache.v]
-    lls = [float(first[c[0]]) for c in conts]
-    if T > 1:
-        x = torch.tensor([c[:-1] + [0] * (T - len(c)) for c in conts])                 # (n, T-1), right-padded
-        logp = torch.log_softmax(model(x, cache=cache).float(), -1)                    # (n, T-1, V)
-        for i, c in enumerate(conts):
-            lls[i] += float(logp[i, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum())
-    return lls
+    model(torch.tensor([ids]), cache=cache, hidden_only=True)
+    return cache
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[dict], prefix: KVCache | None, P: int) -> list[torch.Tensor]:
+    """Per row, the summed log-likelihood of each choice it holds (indexed by choice). One forward for the batch:
+    rows (their tokens after the shared P-token prefix, whose cached keys/values every row sees) right-padded,
+    a (B, 1, T, P + T) tree mask, the LM head only at the scored positions."""
+    B, T = len(rows), max(len(r["ids"]) for r in rows) - P
+    ids, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -2)                         # -1 context, i choice i, -2 padding
+    for b, r in enumerate(rows):
+        n = len(r["ids"]) - P
+        ids[b, :n], pos[b, :n] = torch.tensor(r["ids"][P:]), torch.tensor(r["pos"][P:])
+        seg[b, :n] = torch.tensor(r["seg"][P:])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    # query t sees key s <= t of the context or of its own choice (pads, last in a row, are seen by no real token)
+    mask = causal & ((seg[:, None, :] == -1) | (seg[:, :, None] == seg[:, None, :]))      # (B, T, T)
+    mask = torch.cat([mask.new_ones(B, T, P), mask], dim=-1)[:, None]                      # (B, 1, T, P + T)
+    cache = None
+    if prefix is not None:  # the prefix's keys/values, shared by the B rows (expand: no copy until the concat)
+        cache = KVCache(model.cfg.num_hidden_layers)
+        cache.k = [k.expand(B, -1, -1, -1) for k in prefix.k]
+        cache.v = [v.expand(B, -1, -1, -1) for v in prefix.v]
+    h = model(ids, attention_mask=mask, position_ids=pos, cache=cache, hidden_only=True)   # (B, T, D)
+    flat = torch.cat([torch.tensor(r["where"]) - P + b * T for b, r in enumerate(rows)])   # (N,)
+    logp = torch.log_softmax(model.lm_head(h.reshape(B * T, -1)[flat]).float(), -1)         # (N, V)
+    ll = logp.gather(1, torch.tensor([t for r in rows for t in r["tgt"]])[:, None])[:, 0]   # (N,)
+    out, k = [], 0
+    for r in rows:
+        n = len(r["tgt"])
+        owner = torch.tensor(r["owner"])
+        out.append(torch.zeros(int(owner.max()) + 1, dtype=torch.float64).index_add_(0, owner, ll[k:k + n].double()))
+        k += n
+    return out
+
+
+def loglikelihoods(model, tok, questions: list[tuple[str, list[str]]], batch_tokens: int = 2048,
+                   desc: str = "eval") -> list[list[float]]:
+    """Summed log p(" choice" | context) for every (context, choices) question. The tokens all contexts start
+    with run once (a KV cache); the rest in batches of about batch_tokens (B x longest row) tokens: many
+    questions per forward, so the matmuls are large enough to be efficient."""
+    cfg = model.cfg
+    rows, owners = [], []                                # owners: the question of each row
+    for q, (ctx, choices) in enumerate(questions):
+        ctx_ids, conts = encode_pair(tok, ctx, choices, cfg.max_position_embeddings)
+        for r in pack(ctx_ids, conts, cfg.sliding_window):
+            rows.append(r)
+            owners.append(q)
+    P = common_prefix(rows)
+    prefix = prefix_cache(model, rows[0]["ids"][:P])
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["ids"]))  # similar lengths together: less padding
+    out = [[0.0] * len(c) for _, c in questions]
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * (len(rows[cur[0]]["ids"]) - P) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches += [cur] if cur else []
+    for batch in progress(batches, desc, unit="batch", leave=False):
+        for i, lls in zip(batch, score_rows(model, [rows[i] for i in batch], prefix, P)):
+            for c in set(rows[i]["owner"]):
+                out[owners[i]][c] = float(lls[c])
+    return out
 
 
 def score_tasks(model, tok, tasks: dict, per_choice: bool = False) -> dict:
@@ -107,8 +210,8 @@ def score_tasks(model, tok, tasks: dict, per_choice: bool = False) -> dict:
     out, hits, norm_hits, n_all = {}, 0, 0, 0
     for name, t in tasks.items():
         lls_all, acc, acc_norm = [], 0, 0
-        for r in progress(t["records"], f"eval {name}", unit="q", leave=False):
-            lls = choice_logliks(model, tok, context(r, t["shots"]), r["choices"])
+        questions = [(context(r, t["shots"]), r["choices"]) for r in t["records"]]
+        for r, lls in zip(t["records"], loglikelihoods(model, tok, questions, desc=f"eval {name}")):
             normed = [ll / len(c) for ll, c in zip(lls, r["choices"])]
             acc += max(range(len(lls)), key=lls.__getitem__) == r["answer"]
             acc_norm += max(range(len(lls)), key=normed.__getitem__) == r["answer"]
