@@ -46,8 +46,13 @@ def read_records(path) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str):
-            raise TaskError(f"{where}: expected an object with a \"question\" string")
+        if not isinstance(r, dict):
+            raise TaskError(f"{where}: expected a JSON object with \"question\", \"choices\", \"answer\"")
+        for key in ("question", "choices", "answer"):
+            if key not in r:
+                raise TaskError(f"{where}: missing key \"{key}\"")
+        if not isinstance(r["question"], str):
+            raise TaskError(f"{where}: \"question\" must be a string")
         ch, a = r.get("choices"), r.get("answer")
         if not isinstance(ch, list) or not all(isinstance(c, str) and c for c in ch):
             raise TaskError(f"{where}: \"choices\" must be a list of non-empty strings")
@@ -64,7 +69,8 @@ def read_records(path) -> list[dict]:
 def load_tasks(files, shots: int = 0) -> dict[str, dict]:
     """Task name (file stem) -> {"records", "shots": the first `shots` dev records}, all checked now."""
     tasks = {}
-    for f in [Path(f) for f in (files.split(",") if isinstance(files, str) else files) if str(f)]:
+    files = str(files).split(",") if isinstance(files, (str, Path)) else files
+    for f in [Path(f) for f in files if str(f)]:
         dev = f.with_name(f.name.removesuffix(".jsonl") + ".dev.jsonl")
         if shots and not dev.is_file():
             raise TaskError(f"{f}: --shots {shots} needs a dev split {dev}")
