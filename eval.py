@@ -140,7 +140,7 @@ def prefix_cache(model, ids: list[int]) -> KVCache | None:
     if not ids:
         return None
     cache = KVCache(model.cfg.num_hidden_layers)
-    model(torch.tensor([ids]), cache=cache, hidden_only=True)
+    model(torch.tensor([ids], device=model.device), cache=cache, hidden_only=True)
     return cache
 
 
@@ -165,10 +165,13 @@ def score_rows(model, rows: list[dict], prefix: KVCache | None, P: int) -> list[
         cache = KVCache(model.cfg.num_hidden_layers)
         cache.k = [k.expand(B, -1, -1, -1) for k in prefix.k]
         cache.v = [v.expand(B, -1, -1, -1) for v in prefix.v]
-    h = model(ids, attention_mask=mask, position_ids=pos, cache=cache, hidden_only=True)   # (B, T, D)
+    dev = model.device
+    h = model(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), cache=cache,
+              hidden_only=True)                                                             # (B, T, D)
     flat = torch.cat([torch.tensor(r["where"]) - P + b * T for b, r in enumerate(rows)])   # (N,)
-    logp = torch.log_softmax(model.lm_head(h.reshape(B * T, -1)[flat]).float(), -1)         # (N, V)
-    ll = logp.gather(1, torch.tensor([t for r in rows for t in r["tgt"]])[:, None])[:, 0]   # (N,)
+    logp = torch.log_softmax(model.lm_head(h.reshape(B * T, -1)[flat.to(dev)]).float(), -1)  # (N, V)
+    tgt = torch.tensor([t for r in rows for t in r["tgt"]], device=dev)
+    ll = logp.gather(1, tgt[:, None])[:, 0].cpu()                                           # (N,)
     out, k = [], 0
     for r in rows:
         n = len(r["tgt"])

@@ -144,3 +144,25 @@ def test_smollm2_matches_lm_eval(tmp_path):
     ref = run_lm_eval(tmp_path, str(default_model()), {"nf": (task, 2)})["nf"]
     res = E.main(["--tasks", str(task), "--shots", "2", "--out", str(tmp_path / "res.json")])
     assert_same_as_lm_eval(res, "nf", ref, E.load_tasks(task, 2)["nf"])
+
+
+def test_train_eval_tasks(tmp_path):
+    """train.py --eval-tasks: after training, the trained model's acc / acc_norm per task in metrics.jsonl and
+    report.md, equal to eval.py on the saved adapter; a bad task file stops the run before --out is written."""
+    import train
+    s = tiny.run_inputs(tmp_path, 8)
+    task = task_files(tmp_path)
+    common = ["--model", s["model"], "--data", s["data"], "--method", "lora", "--max-steps", "2", "--batch-size",
+              "4", "--lr", "1e-2", "--seq-len", "128", "--quiet", "--eval-tasks", str(task), "--eval-shots", "2"]
+    out = train.main(common + ["--out", str(tmp_path / "run")])
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    ev = ["--model", s["model"], "--tasks", str(task), "--shots", "2", "--out", str(tmp_path / "res.json")]
+    want, base = E.main(ev + ["--adapter", str(out / "adapter")]), E.main(ev)
+    assert rec["step"] == 2 and rec["qs/acc"] == want["qs/acc"] and rec["qs/acc_norm"] == want["qs/acc_norm"]
+    assert rec["overall/acc"] == want["overall/acc"]
+    assert want["qs/logliks"] != base["qs/logliks"]  # the adapter changed the scores: the trained model was scored
+    assert "| qs/acc |" in (out / "report.md").read_text()
+    bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a"], "answer": 0}])
+    with pytest.raises(SystemExit, match=f"error: {bad}:1: 1 choice"):
+        train.main(common[:-4] + ["--eval-tasks", str(bad), "--out", str(tmp_path / "run2")])
+    assert not (tmp_path / "run2").exists()
