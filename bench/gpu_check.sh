@@ -47,6 +47,9 @@ else
     section "NF4 kernel and QLoRA vs HF + PEFT + bitsandbytes" 140 python3 bench/gpu_check.py
     section "ZeRO-2 offload under a GPU memory cap" 80 python3 bench/gpu_dist.py --layers 12 --steps 3 --mem-fraction 0.3
 fi
+if [ $CPU = 0 ]; then  # issue 15: LoRA on our LLM.int8 base vs LoRA fp32 vs HF + PEFT + bitsandbytes 8-bit (GPU)
+    section "LLM.int8 LoRA vs HF + PEFT + bitsandbytes 8-bit" 150 python3 bench/bench_int8.py --device cuda --rounds 1 --batch 8
+fi
 echo -e "\n## exit statuses\n" | tee -a "$LOG"
 fail=0
 for s in "${status[@]}"; do echo "- $s" | tee -a "$LOG"; [[ "$s" == *"exit 0" ]] || fail=1; done
