@@ -65,7 +65,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from peft import LoraConfig, get_peft_model
 torch.set_num_threads({threads})
 q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-model = AutoModelForCausalLM.from_pretrained({path!r}, quantization_config=q, dtype=torch.float32, device_map={device!r})
+model = AutoModelForCausalLM.from_pretrained({path!r}, quantization_config=q, dtype=torch.float32,
+                                             device_map={device!r})
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
 """ + LOOP + "json.dump(res, open('res.json', 'w'))\n"
 
@@ -88,7 +89,8 @@ def weight_bytes(path):
 def run(method, path):
     if method == "hf_bnb8":
         with tempfile.TemporaryDirectory() as d:
-            run_reference(HF.format(threads=THREADS, path=str(path), B=B, T=T, STEPS=STEPS, device=DEVICE), d, timeout=1800)
+            code = HF.format(threads=THREADS, path=str(path), B=B, T=T, STEPS=STEPS, device=DEVICE)
+            run_reference(code, d, timeout=1800)
             return json.load(open(os.path.join(d, "res.json")))
     code = OURS.format(root=ROOT, threads=THREADS, method=method, path=str(path), B=B, T=T, STEPS=STEPS,
                        device=DEVICE)
