@@ -246,7 +246,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.shots < 0:
         sys.exit(f"error: --shots {a.shots}: expected >= 0")
-    torch.set_grad_enabled(False)
     try:
         tasks = load_tasks(a.tasks, a.shots)  # every file checked before the model loads
         if not a.model:

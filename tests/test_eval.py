@@ -60,6 +60,7 @@ def test_cli_matches_lm_eval(lm_eval_tiny, tmp_path, shots):
     saved = json.loads(out.read_text())
     assert saved["qs/acc"] == res["qs/acc"] and saved["shots"] == shots and saved["qs/logliks"] == res["qs/logliks"]
     assert res["overall/acc"] == res["qs/acc"]
+    assert torch.is_grad_enabled()  # eval.main leaves the caller's autograd state alone (train.py calls it too)
 
 
 def plain_logliks(model, tok, ctx: str, choices: list[str]) -> list[float]:
