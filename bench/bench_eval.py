@@ -26,11 +26,14 @@ THREADS = 2
 
 
 def main():
+    global THREADS
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (the same for every side)")
     ap.add_argument("--shots", type=int, default=2)
     ap.add_argument("--tasks", default="data/eval/nano_facts.jsonl")
     a = ap.parse_args()
+    THREADS = a.threads
     torch.set_num_threads(THREADS)
     torch.set_grad_enabled(False)
     path = str(default_model())

@@ -101,13 +101,14 @@ def run(method, path):
 
 
 def main():
-    global DEVICE, B
+    global DEVICE, B, THREADS
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (the same for every side)")
     ap.add_argument("--device", default="cpu", help="cuda: the same runs on the GPU (bench/gpu_check.sh)")
     ap.add_argument("--batch", type=int, default=B)
     a = ap.parse_args()
-    DEVICE, B = a.device, a.batch
+    DEVICE, B, THREADS = a.device, a.batch, a.threads
     from model.gguf import default_model
     path = default_model()
     load0 = os.getloadavg()[0]
