@@ -9,9 +9,12 @@ question's context is
 and each choice c is scored by the summed log-probability of " c" given the context:
     ll(c) = sum_t log p(cont_t | context, cont_<t),   acc = [argmax_c ll(c) == answer],
     acc_norm = [argmax_c ll(c) / len(c) == answer]            (len in characters, as lm-eval's acc_norm).
-Tokens as lm-eval's HF backend: context and context+continuation are encoded without special tokens and the
-continuation is the tail of the second after len(context tokens). The context runs once; its KV cache is then
-shared by all the choices, which run as one batch (right-padded; causal attention keeps pads out of the scores).
+Tokens as lm-eval's HF backend: context and context + " " + choice encoded with the tokenizer's defaults, the
+continuation being the tail of the second after len(context tokens) (tests/test_eval.py checks all of it against
+lm-eval-harness). Speed: the tokens every context of a task starts with (the k-shot examples) run once into a KV
+cache; each question is one row [context | choice 1 | choice 2 ...] under a tree mask (each choice sees the context
+and its own tokens), so its context runs once for all its choices; many questions per forward; the LM head only at
+the scored positions.
 """
 import argparse
 import json
