@@ -30,7 +30,7 @@ import data
 import eval as benchmark  # eval.py (the name `eval` would hide the builtin)
 import model as M
 import peft
-from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed, ledger
+from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed, ledger, sharded_load
 from dist.run import (MARKER, Logger, StopSignal, check_out, claim_out, complete_checkpoints,
                       make_scheduler, remove_partial, resume, same_on_all_ranks, save_checkpoint, trajectory)
 from model import classify, preference
@@ -193,7 +193,9 @@ def parse_args(argv=None) -> TrainConfig:
 def build_model(cfg: TrainConfig, device):
     """Load the base, attach the method, freeze what is frozen."""
     pcfg = None if cfg.method == "full" else peft.method_config(cfg.method, cfg.method_args, cfg.model)
-    if cfg.method == "full":
+    if cfg.zero == 3 and sharded_load.applies(cfg, pcfg):  # meta: ZeroOptimizer reads each rank's shards
+        model = sharded_load.build(cfg.model, cfg.method, pcfg, device)
+    elif cfg.method == "full":
         model = M.load_pretrained(cfg.model, dtype=torch.float32, device=device)
     elif cfg.method == "qlora":  # the base's linears are quantized to NF4 while loading, then LoRA on top
         from quant import qlora
@@ -210,7 +212,7 @@ def build_model(cfg: TrainConfig, device):
         for name, p in model.named_parameters():
             if not p.requires_grad and p.dim() == 2 and p.is_floating_point() \
                     and "embed_tokens" not in name and "lm_head" not in name:
-                p.data = p.data.to(torch.bfloat16)
+                p.data = sharded_load.cast(p.data, torch.bfloat16)  # a sharded load's stand-in stays one
     return model
 
 
@@ -473,10 +475,12 @@ def main(argv=None):
     stop.restore()
     if tasks and evaluator:  # --eval-tasks: eval.py's acc / acc_norm per task into metrics.jsonl and report.md
         log.log({"step": total, **benchmark.score_tasks(model, tok, tasks)})
-    # ZeRO-3: every rank enters (the gather is a collective) so that rank 0 saves whole weights; else a no-op
-    with optimizer.gathered():
+    # ZeRO-3: every rank takes part in the gathers; full fine-tuning streams model/ one unit at a time (rank 0
+    # writes), an adapter needs only the trainable weights, --merge the whole model; else a no-op
+    stream = out / "model" if cfg.method == "full" and cfg.task == "causal_lm" else None
+    with optimizer.saving(model, stream, whole=cfg.merge, extra=tok.save) as streamed:
         if rank == 0:
-            where = save_final(out, model, cfg, tok)
+            where = stream if streamed else save_final(out, model, cfg, tok)
             log.close("finished")  # loss.png, report.md
             print(f"saved {where}", flush=True)
     if world > 1:  # leave together: a rank tearing gloo down while rank 0 still saves aborted (CI, once)

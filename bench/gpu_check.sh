@@ -47,6 +47,9 @@ else
     section "NF4 kernel and QLoRA vs HF + PEFT + bitsandbytes" 140 python3 bench/gpu_check.py
     section "ZeRO-2 offload under a GPU memory cap" 80 python3 bench/gpu_dist.py --layers 12 --steps 3 --mem-fraction 0.3
 fi
+if [ $CPU = 0 ]; then  # issue 12: ZeRO-3 LoRA + QLoRA, one NCCL rank, random ~8B llama (max_memory_allocated)
+    section "ZeRO-3 LoRA and QLoRA step, 1 NCCL rank, random 8B llama" 300 python3 bench/gpu_zero3.py
+fi
 if [ $CPU = 0 ]; then  # issue 15: LoRA on our LLM.int8 base vs LoRA fp32 vs HF + PEFT + bitsandbytes 8-bit (GPU)
     section "LLM.int8 LoRA vs HF + PEFT + bitsandbytes 8-bit" 150 python3 bench/bench_int8.py --device cuda --rounds 1 --batch 8
 fi

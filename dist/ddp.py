@@ -77,6 +77,10 @@ class AllReduceAdamW:
         """The whole weights are on every rank already (ZeroOptimizer's stage 3 gathers them here)."""
         return contextlib.nullcontext()
 
+    def saving(self, model, stream=None, whole: bool = False, extra=None):
+        """train.py's final save: nothing to gather or stream (the context yields False: save as usual)."""
+        return contextlib.nullcontext(False)
+
     # ---- run checkpoints (dist/run.py) ----
     def save(self, d: Path, rank: int = 0) -> dict:
         """Write the trainable weights into checkpoint dir `d` (rank 0); returns the state for state.pt."""

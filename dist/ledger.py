@@ -130,16 +130,8 @@ def meta_model(path, method: str, lora_r: int = 16):
     from model.weights import meta_model as build
     model = build(read_config(path))
     if method == "qlora":  # NF4 + double quant stand-ins with the real byte counts (quantizing needs data)
-        from quant.linear import NF4Linear
-        from quant.nf4 import NF4State
-        for name, mod in list(model.named_modules()):
-            for child, lin in list(mod.named_children()):
-                if isinstance(lin, torch.nn.Linear) and child != "lm_head":
-                    n, meta = lin.weight.numel(), dict(device="meta")
-                    blocks = -(-n // 64)
-                    state = NF4State(torch.empty(blocks, dtype=torch.uint8, **meta), 64, tuple(lin.weight.shape),
-                                     lin.weight.dtype, torch.empty(-(-blocks // 256), **meta), torch.empty((), **meta))
-                    setattr(mod, child, NF4Linear(torch.empty((n + 1) // 2, dtype=torch.uint8, **meta), state))
+        from .sharded_load import nf4_stand_ins
+        nf4_stand_ins(model)
     if method != "full":
         args = {"lora_r": lora_r} if method in ("lora", "qlora", "dora") else {}
         model = peft.apply(model, peft.method_config(method, args, str(path)))

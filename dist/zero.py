@@ -98,6 +98,10 @@ class ZeroOptimizer:
         self.names = [n for n, _ in named]
 
         self.bucket_numel = bucket_numel  # the ledger (dist/ledger.py) re-plans the buckets from it
+        # a model from dist/sharded_load.py holds no base weights yet: each rank reads its own shards from the files
+        self.source = getattr(model, "sharded_source", None)
+        if self.source is not None and stage != 3:
+            raise ValueError("a model built for sharded loading needs ZeRO stage 3")
         plan = plan_buckets(model, named, stage, bucket_numel)
         params = dict(named)
         self.buckets = [Bucket(ns, [params[n] for n in ns], [group_of[n] for n in ns], self.world, self.rank, sh)
@@ -128,7 +132,9 @@ class ZeroOptimizer:
         self._pending, self._staged = collections.deque(), []
         self.peak = {"grads": 0, "params": 0, "frozen": 0}  # transient bytes: backward / stage 3 gathers
         # stage 3 partitions the frozen tensors (LoRA/QLoRA's base) too: gathered with their unit, never reduced
-        self.frozen = zero3.shard_frozen(model, self.world, self.rank) if stage == 3 else []
+        self.frozen = zero3.shard_frozen(model, self.world, self.rank, self.source) if stage == 3 else []
+        if self.source is not None:
+            self.source.load_rest(model)
         if stage == 3:
             self.gatherer = zero3.Gatherer(self, model)
 
@@ -150,18 +156,27 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def _init_bucket(self, b: Bucket):
-        flat = b.flatten([p.detach() for p in b.params], torch.float32, self.device)  # (padded,)
-        if dist.is_initialized():  # like DDP: every rank starts from rank 0's weights
-            dist.broadcast(flat, src=0)
-        b.master = flat[b.lo:b.hi].to(self.master_device, copy=True)
+        src = self.source if self.source is not None and self.source.covers(b.params) else None
+        if src is not None and b.sharded:  # sharded loading: this rank reads its slice only, from the files
+            b.master = src.dense(b, torch.float32).to(self.master_device)
+            b.full = torch.empty(b.padded, dtype=self.dtype, device=self.device)  # freed below, never written
+        else:
+            if src is not None:  # the never-freed unit: whole, from the files on every rank
+                flat = src.dense(b, torch.float32, whole=True)
+            else:
+                flat = b.flatten([p.detach() for p in b.params], torch.float32, self.device)  # (padded,)
+                if dist.is_initialized():  # like DDP: every rank starts from rank 0's weights
+                    dist.broadcast(flat, src=0)
+            b.master = flat[b.lo:b.hi].to(self.master_device, copy=True)
+            b.full = flat.to(self.dtype, copy=True)
         b.grad = torch.zeros(b.shard_numel, dtype=torch.float32, device=self.master_device)
         if self.offload and torch.cuda.is_available():  # pinned host memory: async copies
             b.master, b.grad = b.master.pin_memory(), b.grad.pin_memory()
-        b.full = flat.to(self.dtype, copy=True)
         for p, v in zip(b.params, b.views(b.full)):
             p.data = v  # the model's weights now live in the flat buffer: gathers write straight into them
         if b.sharded:
-            b.shard_param = b.full[b.lo:b.hi].clone()
+            b.shard_param = b.full[b.lo:b.hi].clone() if src is None else \
+                b.master.to(self.device, self.dtype, copy=True)
             zero3.free(b)
         if self.stage == 1:  # autograd accumulates in place into these views (micro-batches add up)
             b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=self.device)
@@ -345,6 +360,11 @@ class ZeroOptimizer:
         if dist.is_initialized():
             dist.all_reduce(bad)
         return bad.item() == 0
+
+    def saving(self, model, stream=None, whole: bool = False, extra=None):
+        """train.py's final save, streamed under stage 3 (dist/save.py); every rank enters."""
+        from .save import saving
+        return saving(self, model, stream, whole, extra)
 
     def gathered(self):
         """A context in which stage 3's weights are whole on every rank (e.g. to save the model); every rank

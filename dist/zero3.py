@@ -77,21 +77,25 @@ def plan_frozen(model) -> list[tuple[int, list, int]]:
 
 
 @torch.no_grad()
-def shard_frozen(model, world: int, rank: int) -> list[Bucket]:
+def shard_frozen(model, world: int, rank: int, source=None) -> list[Bucket]:
     """Partition every unit's frozen tensors into sharded buckets (plan_frozen); the model's tensors become
     views of the buckets' `full`, which is freed now. Each rank keeps its slice of its own copy (no broadcast:
-    every rank loaded the same frozen weights)."""
+    every rank loaded the same frozen weights), or with `source` (dist/sharded_load.py) reads only its slice."""
     out = []
     for u, items, align in plan_frozen(model):
         ts = [t for _, _, t in items]
         b = Bucket([f"{u}.{a}" for _, a, _ in items], ts, [0] * len(ts), world, rank, sharded=True, align=align)
-        b.full = b.flatten(ts, ts[0].dtype, ts[0].device)
+        shard = source.frozen(b, u, items, world, rank) if source is not None and source.covers(ts) else None
+        if shard is None:
+            b.full = b.flatten(ts, ts[0].dtype, ts[0].device)
+        else:  # allocated but never written: freed below before any page is touched
+            b.full = torch.empty(b.padded, dtype=ts[0].dtype, device=shard.device)
         for j, ((sub, attr, t), v) in enumerate(zip(items, b.views(b.full))):
             if isinstance(t, torch.nn.Parameter):
                 t.data = v  # the same Parameter object wherever it is tied
             else:  # a buffer is replaced by the view: the bucket tracks the tensor the module now holds
                 sub._buffers[attr] = b.params[j] = v
-        b.shard_param = b.full[b.lo:b.hi].clone()
+        b.shard_param = b.full[b.lo:b.hi].clone() if shard is None else shard
         b.unit = u
         free(b)
         out.append(b)
@@ -178,9 +182,10 @@ class Gatherer:
 
 
 @contextlib.contextmanager
-def gathered_params(opt):
-    """All stage-3 weights materialized (e.g. to save the model); every rank must enter it."""
-    for b in opt.buckets + opt.frozen:
+def gathered_params(opt, frozen: bool = True):
+    """All stage-3 weights materialized (e.g. to save the model; frozen=False: the trainable ones only, e.g.
+    for an adapter); every rank must enter it."""
+    for b in opt.buckets + (opt.frozen if frozen else []):
         if b.sharded:
             gather(b)
     try:

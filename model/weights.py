@@ -109,6 +109,14 @@ def from_state_dict(cfg: ModelConfig, sd: dict, source: str) -> Transformer:
     return model.eval()
 
 
+def hf_config(model: Transformer, config_updates: dict | None = None) -> dict:
+    """The config.json transformers reads for `model`, with its weights' dtype."""
+    cfg = model.cfg.to_hf()
+    cfg.update(config_updates or {})
+    cfg["torch_dtype"] = cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    return cfg
+
+
 def write_weights(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, config_updates: dict | None = None):
     """Write config.json + model.safetensors (or shards + model.safetensors.index.json above max_shard_bytes),
     the layout transformers loads, into the existing directory `path` (the caller's atomic_dir)."""
@@ -116,9 +124,6 @@ def write_weights(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, co
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # HF re-ties it from embed_tokens
-    cfg = model.cfg.to_hf()
-    cfg.update(config_updates or {})
-    cfg["torch_dtype"] = cfg["dtype"] = str(model.dtype).removeprefix("torch.")
     shards, cur, size = [], {}, 0
     for k, v in sd.items():
         n = v.numel() * v.element_size()
@@ -127,15 +132,19 @@ def write_weights(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, co
             cur, size = {}, 0
         cur[k], size = v.cpu(), size + n
     shards.append(cur)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
+    (path / "config.json").write_text(json.dumps(hf_config(model, config_updates), indent=2) + "\n")
+    write_shards(path, shards, len(shards))
+
+
+def write_shards(path: Path, shards, n: int):
+    """Write the n state-dict pieces of the iterable `shards` (consumed one at a time: dist/save.py streams them)
+    as model.safetensors (n = 1) or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    weight_map, total = {}, 0
     for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    if n > 1:
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -141,3 +141,35 @@ def test_zero_one_process_prompt_wrapper_qlora_merge(setup, method, zero):
     assert losses(d / f"zero-{name}")[-1] < losses(d / f"zero-{name}")[0]
     assert_same_run(d / f"zero-{name}", d / f"plain-{name}")
     assert_ledger(d / f"zero-{name}", 1)
+
+
+@pytest.mark.slow
+def test_zero3_sharded_load_streamed_save_load_in_transformers_and_peft(setup):
+    """--zero 3 on 2 ranks loads the base sharded (every rank reads only its slices, dist/sharded_load.py) and
+    saves consolidated: full fine-tuning streams model/ unit by unit (dist/save.py), LoRA writes the adapter.
+    Both equal the 1-process run (losses rtol 1e-6, weights 1e-6) and load in transformers / HF PEFT with the
+    1-process model's logits (<= 1e-5)."""
+    import model as M
+    import peft
+    from tests.reference import run_reference
+    d = setup["dir"]
+    for name, method in (("full", ["--method", "full"]), ("lora", LORA)):
+        train.main(args(setup, d / f"p3-{name}", *method, "--batch-size", "4"))
+        torchrun(args(setup, d / f"z3-{name}", *method, "--batch-size", "2", "--zero", "3"))
+        assert_same_run(d / f"z3-{name}", d / f"p3-{name}")
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = M.load_pretrained(d / "p3-full" / "model")(ids)
+        lora = peft.load_adapter(M.load_pretrained(setup["model"]), d / "p3-lora" / "adapter")(ids)
+    out = run_reference(f"""
+        from transformers import AutoModelForCausalLM
+        from peft import PeftModel
+        ids = load_file("in.safetensors")["ids"]
+        full = AutoModelForCausalLM.from_pretrained("{d}/z3-full/model", dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained("{setup['model']}", dtype=torch.float32).eval()
+        lora = PeftModel.from_pretrained(base, "{d}/z3-lora/adapter").eval()
+        with torch.no_grad():
+            save_file({{"full": full(input_ids=ids).logits, "lora": lora(input_ids=ids).logits}}, "out.safetensors")
+    """, d / "ref-z3", {"ids": ids})
+    torch.testing.assert_close(out["full"], full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["lora"], lora, rtol=0, atol=1e-5)
