@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import data
+import eval as benchmark  # eval.py (the name `eval` would hide the builtin)
 import model as M
 import peft
 from dist import AllReduceAdamW, ZeroOptimizer, all_sum, init_distributed, ledger, sharded_load
@@ -75,6 +76,8 @@ class TrainConfig:
     eval_split: float = 0.0
     eval_every: int = 0
     eval_samples: int = 2                 # greedy generations printed at each eval
+    eval_tasks: str = ""                  # multiple-choice task JSONL(s), comma-separated: acc/acc_norm at the end
+    eval_shots: int = 0                   # k-shot examples for --eval-tasks, from each task's .dev.jsonl (eval.py)
     save_every: int = 0
     keep: int = 2
     resume: bool = False
@@ -109,7 +112,7 @@ class TrainConfig:
 POSITIVE = ("batch_size", "grad_accum", "seq_len", "lr", "adam_eps", "log_every", "collective_timeout", "beta",
             "kto_desirable_weight", "kto_undesirable_weight")
 NON_NEGATIVE = ("max_steps", "epochs", "warmup", "weight_decay", "max_grad_norm", "eval_every", "eval_samples",
-                "save_every", "keep", "seed")
+                "save_every", "keep", "seed", "eval_shots")
 FRACTIONS = ("adam_beta1", "adam_beta2", "eval_split", "label_smoothing")
 
 
@@ -366,6 +369,7 @@ def main(argv=None):
         check_out(out, cfg.model)  # ours to write? (nothing is written before the data and model are good)
         lock = claim_out(out) if rank == 0 and (out / MARKER).is_file() else None  # an earlier run's dir
         tok = M.load_tokenizer(cfg.model)
+        tasks = benchmark.load_tasks(cfg.eval_tasks, cfg.eval_shots) if cfg.eval_tasks else {}  # checked now
         splits = data.load_splits if cfg.task == "causal_lm" else data.classify.load_splits  # + cfg.labels
         train_ex, eval_ex, stats = splits(tok, cfg, verbose=rank == 0)
         if not cfg.resume and complete_checkpoints(out):
@@ -469,6 +473,8 @@ def main(argv=None):
         if world > 1:
             torch.distributed.barrier()
     stop.restore()
+    if tasks and evaluator:  # --eval-tasks: eval.py's acc / acc_norm per task into metrics.jsonl and report.md
+        log.log({"step": total, **benchmark.score_tasks(model, tok, tasks)})
     # ZeRO-3: every rank takes part in the gathers; full fine-tuning streams model/ one unit at a time (rank 0
     # writes), an adapter needs only the trainable weights, --merge the whole model; else a no-op
     stream = out / "model" if cfg.method == "full" and cfg.task == "causal_lm" else None

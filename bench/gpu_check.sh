@@ -56,6 +56,9 @@ fi
 if [ $CPU = 0 ]; then  # issue 12: ZeRO-3 LoRA + QLoRA, one NCCL rank, random ~8B llama (max_memory_allocated)
     section "ZeRO-3 LoRA and QLoRA step, 1 NCCL rank, random 8B llama" 300 python3 bench/gpu_zero3.py
 fi
+if [ $CPU = 0 ]; then  # issue 15: LoRA on our LLM.int8 base vs LoRA fp32 vs HF + PEFT + bitsandbytes 8-bit (GPU)
+    section "LLM.int8 LoRA vs HF + PEFT + bitsandbytes 8-bit" 150 python3 bench/bench_int8.py --device cuda --rounds 1 --batch 8
+fi
 echo -e "\n## exit statuses\n" | tee -a "$LOG"
 fail=0
 for s in "${status[@]}"; do echo "- $s" | tee -a "$LOG"; [[ "$s" == *"exit 0" ]] || fail=1; done

@@ -104,3 +104,59 @@ def kv_cache_error(model, T: int = 10, prefill: int = 6) -> float:
     with torch.no_grad():
         full = model(ids)
     return (kv_cache_logits(model, ids, prefill) - full).abs().max().item()
+
+
+LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {test}
+    dev: {dev}
+test_split: test
+fewshot_split: dev
+num_fewshot: {shots}
+fewshot_config:
+  sampler: first_n
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def run_lm_eval(workdir, model_dir: str, tasks: dict, batch_size: int = 8, threads: int = 1,
+                timeout: int = 900) -> dict:
+    """lm-eval-harness (HF backend, fp32, CPU) on local task YAMLs: tasks maps a name to (test JSONL, k shots),
+    the dev split beside it as eval.py reads it. Returns name -> {"acc", "acc_norm", "logliks" (per question,
+    per choice, in doc order), "contexts" (the prompt of each question)}; "seconds" the evaluation's wall time.
+    threads: torch's (one is several times faster for tiny models on a shared 2-core machine: no spin-waiting)."""
+    import json
+    from pathlib import Path
+    tdir = Path(workdir) / "lm_eval_tasks"
+    tdir.mkdir(parents=True, exist_ok=True)
+    for name, (test, shots) in tasks.items():
+        test = Path(test).resolve()
+        dev = test.with_name(test.name.removesuffix(".jsonl") + ".dev.jsonl")
+        (tdir / f"{name}.yaml").write_text(LM_EVAL_TASK.format(name=name, test=test, dev=dev, shots=shots))
+    run_reference(f"""
+        import time
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        torch.set_num_threads({threads})
+        t0 = time.perf_counter()
+        res = lm_eval.simple_evaluate(model="hf", model_args="pretrained={model_dir},dtype=float32",
+                                      tasks={list(tasks)!r},
+                                      task_manager=TaskManager(include_path="{tdir}", include_defaults=False),
+                                      device="cpu", batch_size={batch_size}, log_samples=True)
+        out = {{"seconds": time.perf_counter() - t0}}
+        for name, samples in res["samples"].items():
+            samples = sorted(samples, key=lambda s: s["doc_id"])
+            out[name] = {{"acc": res["results"][name]["acc,none"], "acc_norm": res["results"][name]["acc_norm,none"],
+                         "logliks": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
+                         "contexts": [s["arguments"][0][0] for s in samples]}}
+        json.dump(out, open("lm_eval.json", "w"))
+    """, workdir, timeout=timeout)
+    return json.loads((Path(workdir) / "lm_eval.json").read_text())
