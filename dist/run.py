@@ -194,9 +194,9 @@ def trajectory(cfg, world: int, model, fingerprint: dict) -> dict:
     across ranks. Not: where it writes, how long it runs (--max-steps / --epochs may extend a run), evaluation,
     logging and saving cadence, nor how the same update is computed (micro-batches x ranks of one global batch,
     ZeRO, recomputation)."""
-    skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "save_every", "keep", "resume",
-            "resume_override", "merge", "log_every", "quiet", "config", "collective_timeout", "method_args",
-            "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
+    skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "eval_tasks", "eval_shots",
+            "save_every", "keep", "resume", "resume_override", "merge", "log_every", "quiet", "config",
+            "collective_timeout", "method_args", "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
     d = {k: v for k, v in asdict(cfg).items() if k not in skip}
     d["data"] = fingerprint  # data.fingerprint: every file (directories, dataset_info.json) with its size and hash
     pcfg = getattr(model, "peft_config", None)
