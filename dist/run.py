@@ -196,7 +196,8 @@ def trajectory(cfg, world: int, model, fingerprint: dict) -> dict:
     ZeRO, recomputation)."""
     skip = ("out", "max_steps", "epochs", "eval_data", "eval_every", "eval_samples", "eval_tasks", "eval_shots",
             "save_every", "keep", "resume", "resume_override", "merge", "log_every", "quiet", "config",
-            "collective_timeout", "method_args", "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
+            "collective_timeout", "method_args",
+            "batch_size", "grad_accum", "zero", "offload", "grad_checkpointing")  # the same update: see global_batch
     d = {k: v for k, v in asdict(cfg).items() if k not in skip}
     d["data"] = fingerprint  # data.fingerprint: every file (directories, dataset_info.json) with its size and hash
     pcfg = getattr(model, "peft_config", None)
