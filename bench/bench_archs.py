@@ -3,19 +3,21 @@ Qwen3-MoE) at a ~100M-parameter random config, ours vs transformers (+ HF PEFT),
 
 Each (architecture, method, side) runs in its own fresh process (peak RSS is per process), `python -P` outside the
 repo so that HF's peft is the one imported on the transformers side. fp32, AdamW, median step time after a warm-up
-step. LoRA: r=8 on the attention projections (q_proj, v_proj; Phi-3's fused qkv_proj), the same on both sides.
+step, over --arch-rounds fresh processes per side in alternating order (this VM's speed drifts by tens of %
+between minutes). LoRA: r=8 on the attention projections (q_proj, v_proj; Phi-3's fused qkv_proj), the same on both sides.
 The dispatch bench times one MoE block forward + backward (all its weights trained, or the experts frozen as
 under LoRA on attention), in alternating rounds: our sorted dispatch (grouped_mm; and its per-expert loop, which a
 wrapped expert takes) vs transformers' expert loop (`experts_implementation="eager"`) and its default
 (`grouped_mm`).
 
     python bench/bench_archs.py [--steps 3] [--batch 4] [--seq 256] [--threads 2] [--archs gemma2,mixtral]
-                                [--dispatch-tokens 4096] [--rounds 7] [--dispatch-only]
+                                [--arch-rounds 2] [--dispatch-tokens 4096] [--rounds 7] [--dispatch-only]
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,6 +155,7 @@ def main():
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--dispatch-tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=7, help="dispatch bench: timed rounds")
+    ap.add_argument("--arch-rounds", type=int, default=2, help="fresh processes per side, in alternating order")
     ap.add_argument("--dispatch-only", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -161,13 +164,19 @@ def main():
             d = os.path.join(tmp, arch)
             n = int(python_P(MAKE, json.dumps({**BASE, **ARCHS[arch]}), d))
             targets = ["qkv_proj"] if arch == "phi3" else ["q_proj", "v_proj"]
-            r = {side: {m: json.loads(python_P(WORKER, side, d, m, args.steps, args.batch, args.seq, args.threads,
-                                               json.dumps(targets), REPO)) for m in ("full", "lora")}
+            runs = {(side, m): [] for side in ("ours", "hf") for m in ("full", "lora")}
+            for k in range(args.arch_rounds):  # fresh processes, the two sides in alternating order
+                for m in ("full", "lora"):
+                    for side in ("ours", "hf")[::1 if k % 2 == 0 else -1]:
+                        runs[side, m].append(json.loads(python_P(WORKER, side, d, m, args.steps, args.batch,
+                                                                 args.seq, args.threads, json.dumps(targets), REPO)))
+            r = {side: {m: {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs[side, m]),
+                            "peak_rss_gb": max(x["peak_rss_gb"] for x in runs[side, m])} for m in ("full", "lora")}
                  for side in ("ours", "hf")}
             rows.append((arch, n, r))
             print(arch, json.dumps(r), file=sys.stderr)
-    print(f"fp32, B{args.batch}xT{args.seq}, {args.threads} threads, median of {args.steps - 1} steps after a "
-          f"warm-up, one run; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print(f"fp32, B{args.batch}xT{args.seq}, {args.threads} threads, median over {args.arch_rounds} alternating "
+          f"rounds of each process's median of {args.steps - 1} steps after a warm-up; peak RSS: the largest; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
     print("| arch (params) | method | nanotune tok/s | transformers tok/s | ratio | nanotune RSS GB | "
           "transformers RSS GB |\n|---|---|---|---|---|---|---|")
     for arch, n, r in rows:

@@ -17,6 +17,15 @@ import json, os, sys, torch
 from safetensors.torch import load_file, save_file
 torch.manual_seed(0)
 torch.set_num_threads(2)
+
+
+def bnb_generic_cpu(model):
+    # bitsandbytes' Linear4bit, on a CPU with AVX512-BF16 in no-grad eval, repacks its weight and computes in bf16
+    # (and asserts shapes our tiny configs don't have): keep the generic fp32 dequantize path the tests compare with
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
 """
 
 
@@ -56,10 +65,12 @@ def tiny_hf_config(model_type: str = "llama", **over) -> dict:
     return d
 
 
-def make_hf_model(workdir, config: dict, dtype: str = "float32", seed: int = 0) -> str:
-    """Create a random HF model from `config` with transformers (no download) and save it to workdir/hf."""
+def make_hf_model(workdir, config: dict, dtype: str = "float32", seed: int = 0, name: str = "hf",
+                  norm_gain: float = 1.0) -> str:
+    """Create a random HF model from `config` with transformers (no download) and save it to workdir/name.
+    norm_gain multiplies the (jittered) norm weights: large activations, so LLM.int8's outlier columns occur."""
     import json
-    out = os.path.join(str(workdir), "hf")
+    out = os.path.join(str(workdir), name)
     run_reference(f"""
         from transformers import AutoConfig, AutoModelForCausalLM
         cfg = json.loads({json.dumps(json.dumps(config))})
@@ -70,6 +81,8 @@ def make_hf_model(workdir, config: dict, dtype: str = "float32", seed: int = 0) 
             for n, p in model.named_parameters():
                 if n.endswith("norm.weight") or n.endswith("bias"):
                     p.add_(torch.randn_like(p) * 0.1)
+                if n.endswith("norm.weight"):
+                    p.mul_({norm_gain})
         model.to(getattr(torch, "{dtype}")).save_pretrained("{out}")
     """, workdir)
     return out

@@ -8,6 +8,7 @@ import torch
 
 import eval as E
 import model as M
+import peft
 from tests import tiny
 from tests.reference import run_lm_eval
 
@@ -88,6 +89,30 @@ def test_packed_batches_equal_plain_forwards(tmp_path, over):
         got = E.loglikelihoods(model, tok, qs, batch_tokens=batch_tokens)
         err = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w))
         assert err <= 1e-4, (batch_tokens, err)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "llama_adapter", "lora"])
+def test_adapters_equal_plain_forwards(tmp_path, method):
+    """eval.py's cache of the shared prefix and its tree mask with an adapter on top: prompt/P-tuning put their
+    virtual tokens into that cache, prefix tuning adds its own keys, LLaMA-Adapter its gated prompts; each must
+    score what one plain forward per choice through the same adapted model scores."""
+    mdir, task = tiny.make_model(tmp_path / "m", seed=5), task_files(tmp_path)
+    tok = M.load_tokenizer(mdir)
+    model = peft.apply(M.load_pretrained(mdir), peft.method_config(method, {"llama_adapter": {"adapter_layers": 2}}, str(mdir)))
+    torch.manual_seed(7)  # LoRA's B and LLaMA-Adapter's gate start at zero: the adapter must change the scores
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1 if p.requires_grad else 0)
+    t = E.load_tasks(task, 2)["qs"]
+    qs = [(E.context(r, t["shots"]), r["choices"]) for r in t["records"]]
+    with torch.no_grad():
+        want = [plain_logliks(model, tok, *q) for q in qs]
+    got = E.loglikelihoods(model, tok, qs, batch_tokens=64)
+    err = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w))
+    assert err <= 1e-4, err
+    with peft.disabled(model), torch.no_grad():
+        plain = plain_logliks(model, tok, *qs[0])
+    assert max(abs(a - b) for a, b in zip(got[0], plain)) > 1e-3  # the adapter was in the scores
 
 
 def test_pack_rows():

@@ -11,7 +11,7 @@ from model.io import CheckpointError
 from peft.lora import LoraConfig
 from quant.int8 import (Int8Linear, Lora8Linear, Dora8Linear, dequantize_rows, int8_linear, int8_mm, load_int8,
                         merge_dequantized, quantize_input, quantize_rows, save_int8)
-from tests.reference import run_reference, tiny_hf_config
+from tests.reference import make_hf_model, run_reference, tiny_hf_config
 from tests.tiny import make_model, run_inputs, run_train
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -96,15 +96,9 @@ def ref(tmp_path_factory):
     its logits."""
     wd = tmp_path_factory.mktemp("bnb8")
     cfg = tiny_hf_config("llama")
+    make_hf_model(wd, cfg, name="fp", norm_gain=8)      # large activations: outlier columns occur
     out = run_reference(f"""
-        from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-        cfg = AutoConfig.for_model(**json.loads('{json.dumps(cfg)}'))
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("norm.weight"):
-                    p.add_(torch.randn_like(p) * 0.1).mul_(8)    # large activations: outlier columns occur
-        model.save_pretrained("fp")
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         q = AutoModelForCausalLM.from_pretrained("fp", quantization_config=BitsAndBytesConfig(load_in_8bit=True,
                                                  llm_int8_threshold=6.0), dtype=torch.float32, device_map="cpu")
         q.eval()
