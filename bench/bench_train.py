@@ -4,6 +4,8 @@
                                 [--workloads packed,sft,docs] [--batch 8] [--seq 128]
     python bench/bench_train.py --scaling 512,1024,2048,4096 [--tokens 4096] [--workloads packed]
     python -P bench/bench_train.py --worker ours --profile --model DIR --workload sft --precision fp32  (from /tmp)
+        (--profile also prints, to stderr, the rank-R LoRA products' share of self time and the MFU of the timed
+        steps against a matmul peak measured in the same process; BENCH_THREADS sets the threads, default 2)
 
 --scaling: one table row pair per sequence length T, with B = --tokens / T (the same tokens per step), for the
 seq-len scaling of peak RSS and tokens/s.
@@ -95,10 +97,29 @@ def worker_ours(model_dir, workload, precision, steps, warmup, dense=False, prof
         times.append(time.perf_counter() - t)
     if profile:  # one more step under torch.profiler: where the time goes, by op (self time)
         from torch.profiler import ProfilerActivity, profile as prof
-        with prof(activities=[ProfilerActivity.CPU]) as p:
+        with prof(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             train.train_step(model, mb, opt, sched, cfg, device)
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+        profile_summary(p, model.cfg, workload, statistics.median(times[warmup:]))
     return times[warmup:]
+
+
+def profile_summary(p, mcfg, workload, step_s):
+    """The products split into rank-R (LoRA) and the rest by their operand shapes, and the timed steps' MFU
+    against a matmul peak measured now, in the same process (printed to stderr: stdout's last line is the JSON)."""
+    total = sum(e.self_cpu_time_total for e in p.key_averages())
+    lora = other = 0.0
+    for e in p.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+            dims = [d for shape in e.input_shapes if isinstance(shape, list) for d in shape]
+            if R in dims:
+                lora += e.self_cpu_time_total
+            else:
+                other += e.self_cpu_time_total
+    peak = matmul_peak("float32")
+    print(f"self time {total / 1e6:.2f} s: rank-{R} (LoRA) products {lora / total:.1%}, other products "
+          f"{other / total:.1%}; timed step {step_s:.2f} s, matmul peak {peak:.0f} GFLOP/s now, "
+          f"MFU {step_flops(mcfg, workload) / step_s / peak / 1e9:.0%}", file=sys.stderr, flush=True)
 
 
 def worker_hf(model_dir, workload, precision, steps, warmup):
