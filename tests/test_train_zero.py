@@ -112,6 +112,37 @@ def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
         train.main(args(setup, d / "z3", *LORA, "--batch-size", "4", "--resume"))
 
 
+KILL_AFTER_SAVE = """
+orig = train.save_checkpoint
+def save(out, step, *a, **k):
+    orig(out, step, *a, **k)
+    if step == %d:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has renamed the checkpoint into place
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_zero3_resume_two_four_one_ranks_equals_one_process(setup, method):
+    """--zero 3 across world sizes: 2 ranks x batch 2 killed after the step-3 checkpoint, resumed on 4 ranks x
+    batch 1 and killed after step 6, resumed in 1 process x batch 4 to step 8 (the same global batch of 4): the
+    8 losses and the final adapter / model equal the uninterrupted plain 1-process run (rtol / atol 1e-6)."""
+    d, name = setup["dir"], f"z3-241-{method}"
+    method_args = LORA if method == "lora" else ["--method", "full"]
+    train.main(args(setup, d / f"plain-241-{method}", *method_args, "--batch-size", "4"))
+    run = args(setup, d / name, *method_args, "--save-every", "3", "--zero", "3")
+    for ranks, batch, kill_at, want in ((2, "2", 3, [3]), (4, "1", 6, [3, 6])):
+        r = run_train(run + ["--batch-size", batch] + (["--resume"] if ranks == 4 else []),
+                      KILL_AFTER_SAVE % kill_at, ranks=ranks, check=False)
+        assert r.returncode != 0 and train.complete_checkpoints(d / name) == want, r.stderr[-3000:]
+    train.main(run + ["--batch-size", "4", "--resume"])
+    assert train.complete_checkpoints(d / name) == [3, 6, 8]
+    assert_same_run(d / name, d / f"plain-241-{method}")
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--zero", "5"], "error: --zero 5: expected 0 (plain data parallel), 1, 2 or 3"),
     (["--offload"], "error: --offload needs --zero 1, 2 or 3"),
