@@ -167,7 +167,6 @@ def rss_load_job(path):
             "unit": max(units)}
 
 
-@pytest.mark.slow
 def test_peak_rss_during_sharded_load(tmp_path):
     """Each of 2 ranks loading a 168 MiB fp32 llama (LoRA, frozen base sharded) grows its peak RSS by at most
     1/2 of the model + one unit (the largest: a block or the embedding) + 32 MiB, and by at least its frozen
