@@ -3,6 +3,7 @@ vs --zero 2 (weights replicated, the whole model loaded on every rank), world si
 under torchrun on a random-init llama (char tokenizer, vocab 128), fp32, 1 thread per rank.
 
     python bench/bench_zero3_frozen.py [--layers 16 --hidden 1536 --methods lora full --worlds 1 2 4 --steps 1]
+                                       [--model DIR: a model written by an earlier run (its path is printed)]
 Reads each run's --out/memory.json (dist/ledger.py, after step 1): measured frozen / trainable-state tensor
 bytes per rank, the process's RSS then, and its peak RSS (ru_maxrss: the load and step 1 included). Prints a
 markdown table with each peak relative to the same method and stage on 1 rank. The environment is passed on:
@@ -30,13 +31,18 @@ def main():
     ap.add_argument("--zeros", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--model", type=Path, help="reuse this random model dir (--layers/--hidden then ignored)")
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="bench_z3_"))
-    m = make_model(d / "m", hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3, num_hidden_layers=a.layers,
-                   num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    m = a.model or make_model(d / "m", hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3,
+                              num_hidden_layers=a.layers, num_attention_heads=12, num_key_value_heads=4,
+                              tie_word_embeddings=False)
+    if a.model:
+        cfg = json.loads((m / "config.json").read_text())
+        a.layers, a.hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
     data = write_jsonl(d / "train.jsonl", chat_records(32, seed=2))
     size = (m / "model.safetensors").stat().st_size
-    print(f"random llama: {a.layers} layers, hidden {a.hidden}: {size / 1e6:.0f} MB of fp32 weights ({size / 4e6:.0f}M "
+    print(f"model {m}\nrandom llama: {a.layers} layers, hidden {a.hidden}: {size / 1e6:.0f} MB of fp32 weights ({size / 4e6:.0f}M "
           f"params); LoRA r=16 all-linear, batch 1 x 128 tokens per rank, {a.steps} step(s); load {os.getloadavg()}\n")
     print("| method | zero | world | frozen MB/rank | trainable state MB/rank | RSS after step 1 MB/rank | "
           "peak RSS MB/rank | peak / 1-rank peak | wall s |")

@@ -37,6 +37,7 @@ class Bucket:
         self.grad_buf = None        # (padded,) compute dtype, stage 2/3: transient, filled by backward hooks
         self.staged = None          # (S,) compute dtype, pinned host memory: offload's async copy of the shard
         self.ready = 0              # how many params reported their gradient in this backward
+        self.free_with = []         # stage 3: frozen buckets to free with this one in backward (zero3.Gatherer)
         self.gathered = True        # `full` is allocated until stage 3 frees it
 
     def flatten(self, tensors, dtype, device) -> torch.Tensor:

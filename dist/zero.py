@@ -195,8 +195,9 @@ class ZeroOptimizer:
         p.grad = None  # a rank never holds the full gradient: at most a few buckets of it
         b.ready += 1
         if b.ready == len(b.params):
-            if b.sharded:
-                zero3.free(b)  # no backward node needs these weights once all their gradients are in
+            if b.sharded:  # no backward node needs these weights once all their gradients are in
+                for f in [b, *b.free_with]:  # (nor the unit's frozen ones, when its input needs no gradient)
+                    zero3.free(f)
             self._launch_ready()
 
     def _launch_ready(self):
@@ -255,7 +256,7 @@ class ZeroOptimizer:
             b.ready = 0
             if b.sharded:
                 zero3.free(b)
-        for b in self.frozen:  # those whose unit's input needs no gradient (the first block under LoRA)
+        for b in self.frozen:  # e.g. LoRA's tied embedding (its lookup needs no backward), unused parameters
             zero3.free(b)
         self._next, self._in_backward = 0, False
 

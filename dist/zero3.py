@@ -16,8 +16,8 @@ Frozen tensors (LoRA/QLoRA's base) are partitioned too, as in FSDP: per unit, on
 (`shard_frozen`): dense frozen parameters in their own dtype, and NF4 layers' packed codes, absmax scales and
 double-quant state, the codes and scales cut on quantization-block boundaries (rank r holds blocks [rK, (r+1)K)
 of the unit). They are gathered with the unit for forward and for backward (the input gradient needs the
-weight; NF4 dequantizes after the gather), never reduced, never in the optimizer, and freed in backward by a
-hook on the gradient of the unit's input (then nothing in the unit needs them), else at the end of backward.
+weight; NF4 dequantizes after the gather), never reduced, never in the optimizer, and freed in backward as soon
+as backward through the unit is complete (Gatherer), else at the end of backward: one gathered block at a time.
 """
 import contextlib
 
@@ -118,7 +118,14 @@ def free(b: Bucket):
 
 
 class Gatherer:
-    """Installs the forward/backward hooks that gather and free each module's units."""
+    """Installs the forward/backward hooks that gather and free each module's units.
+
+    A unit's frozen buckets are freed in backward once backward through the first module that uses them (in
+    forward order) and runs backward is complete: when its input's gradient is complete, or, if its input needs
+    no gradient (the first decoder block under LoRA), when all of its own trainable parameters have their
+    gradients (ZeroOptimizer._on_grad: no node left in backward reads its weights then). A block's frees run
+    before the previous block is gathered (both hooks sit on the tensor between them; `_after` leaves a list on
+    it that `_before` fills), so at most one gathered block is alive at a time."""
 
     def __init__(self, opt, model):
         self.opt = opt
@@ -129,32 +136,40 @@ class Gatherer:
             bis = {opt.where[id(p)][0] for p in m.parameters() if id(p) in opt.where}
             fr = {id(frozen_of[id(t)]): frozen_of[id(t)] for *_, t in frozen_tensors(m) if id(t) in frozen_of}
             uses.append([opt.buckets[i] for i in sorted(bis) if opt.buckets[i].sharded] + list(fr.values()))
+        own = [[b for b in bs if b not in opt.frozen] for bs in uses]  # a module's trainable buckets
         last = {id(b): i for i, bs in enumerate(uses) for b in bs}  # the unit's last user in forward
         # The final norm also gathers the LM head: a chunked loss (train.py) reads lm_head.weight after
         # forward(hidden_only=True) without calling lm_head. Backward or the end of backward frees it then.
         uses[-2] = uses[-2] + [b for b in uses[-1] if b not in uses[-2]]
-        first = {}  # frozen bucket -> its first user in forward, whose input gradient ends its use in backward
-        for i, bs in reversed(list(enumerate(uses))):
-            first.update({id(b): i for b in bs if b in opt.frozen})
+        self._owned, self._prev = set(), len(modules)  # frozen buckets whose backward free is set, this forward
         for i, (m, bs) in enumerate(zip(modules, uses)):
             if bs:
                 frees = [b for b in bs if last[id(b)] == i]
-                done = [b for b in bs if first.get(id(b)) == i]
-                m.register_forward_pre_hook(lambda mod, args, bs=bs, done=done: self._before(bs, done, args))
+                frozen = [b for b in bs if b in opt.frozen]
+                m.register_forward_pre_hook(
+                    lambda mod, args, i=i, bs=bs, fr=frozen, own=own[i]: self._before(i, bs, fr, own, args))
                 m.register_forward_hook(lambda mod, args, out, bs=bs, frees=frees: self._after(bs, frees, out))
 
-    def _before(self, buckets, done, args):
+    def _before(self, i, buckets, frozen, own, args):
         self._gather(buckets)
-        for t in args:  # backward through this module has ended when its input's gradient is complete
-            if done and isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._free_hook(done))
-
-    @staticmethod
-    def _free_hook(buckets):
-        def hook(grad):
-            for b in buckets:
-                free(b)
-        return hook
+        if self.opt._in_backward or not torch.is_grad_enabled():  # recomputation, or no backward to come
+            return
+        if i <= self._prev:  # a new forward pass
+            self._owned.clear()
+        self._prev = i
+        inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not (inputs or any(p.requires_grad for b in own for p in b.params)):
+            return  # no backward through this module (e.g. LoRA's frozen embedding): a later user frees them
+        done = [b for b in frozen if id(b) not in self._owned]
+        self._owned.update(id(b) for b in done)
+        for b in own:  # input needs no gradient: free with the module's trainable parameters' last gradient
+            b.free_with = [] if inputs else done
+        for t in inputs if done else ():  # else: when the input's gradient is complete
+            pending = getattr(t, "_zero3_frees", None)
+            if pending is not None:  # t is the previous unit's output: free there, before it gathers
+                pending.extend(done)
+            else:
+                t.register_hook(self._backward_hook([], done))
 
     def _gather(self, buckets):
         with torch.no_grad():
@@ -165,17 +180,22 @@ class Gatherer:
         held = sum(b.full.untyped_storage().nbytes() for b in self.opt.frozen)
         self.opt.peak["frozen"] = max(self.opt.peak["frozen"], held)
 
-    def _backward_hook(self, buckets):
+    def _backward_hook(self, buckets, frees):
+        """The hook on a unit's output (or a module's input) gradient: free `frees`, then gather `buckets`."""
         def hook(grad):
             self.opt._in_backward = True
-            self._gather(buckets)
+            for b in frees:
+                free(b)
+            if buckets:
+                self._gather(buckets)
         return hook
 
     def _after(self, buckets, frees, out):
         outs = out if isinstance(out, (tuple, list)) else [out]
         for t in outs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._backward_hook(buckets))
+                t._zero3_frees = []  # filled by the next module's _before (the frees of its backward's end)
+                t.register_hook(self._backward_hook(buckets, t._zero3_frees))
         if not self.opt._in_backward:  # recomputation (gradient checkpointing) runs inside backward
             for b in frees:
                 free(b)

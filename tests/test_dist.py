@@ -161,3 +161,31 @@ def test_dead_or_hung_rank_fails_fast(tmp_path, mode):
     assert codes[0] not in (0, None), codes
     assert codes[1] not in (0, None), codes
     assert seconds < 60
+
+
+def test_checkpoint_is_streamed_plain_safetensors(ckpt1, tmp_path):
+    """zero.safetensors is written streamed (header first, then one all-gathered bucket and kind at a time):
+    an ordinary safetensors file (safetensors' own loader reads it), holding exactly the consolidated state;
+    saved again after loading it (same bucket layout) is byte-identical; a file written whole by safetensors' save_file (the earlier
+    writer) loads to the same state; a failed write raises and leaves no file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from dist.checkpoint import FORMAT, full_state
+    opt = dist.ZeroOptimizer(W.make_model(), 2, weight_decay=W.WD, groups=W.groups(W.make_model()),
+                             bucket_numel=4000, **W.HYPER)  # the layout ckpt1 was saved from
+    dist.load_checkpoint(opt, ckpt1)
+    saved, state = load_file(str(ckpt1)), full_state(opt)
+    assert saved.keys() == state.keys() and len(saved) == 3 * len(opt.names)
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    dist.save_checkpoint(opt, tmp_path / "again.safetensors")
+    assert (tmp_path / "again.safetensors").read_bytes() == ckpt1.read_bytes()
+    with safe_open(str(ckpt1), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMAT and meta["step"] == "10"
+    save_file(state, str(tmp_path / "whole.safetensors"), metadata=meta)
+    other = dist.ZeroOptimizer(W.make_model(), 3, weight_decay=W.WD, groups=W.groups(W.make_model()), **W.HYPER)
+    dist.load_checkpoint(other, tmp_path / "whole.safetensors")
+    assert all(torch.equal(v, full_state(other)[k]) for k, v in state.items())
+    with pytest.raises(FileNotFoundError):
+        dist.save_checkpoint(opt, tmp_path / "no-such-dir" / "z.safetensors")
+    assert not (tmp_path / "no-such-dir").exists()

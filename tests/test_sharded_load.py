@@ -15,6 +15,7 @@ import model as M
 import peft
 from dist import sharded_load
 from dist.save import save_streamed
+from dist.zero3 import unit_modules
 from model import save_pretrained
 
 CASES = [("full", True, False), ("lora", False, True), ("qlora", True, False), ("qlora", False, True)]
@@ -140,3 +141,48 @@ def test_bad_files_same_error_every_rank(runs, dirs):
             M.load_pretrained(path)
         msgs = [r for r in runs[f"err_{kind}", 2]]
         assert msgs == [str(e.value)] * 2 and "\n" not in msgs[0] and path in msgs[0], (kind, msgs)
+
+
+def _vm(key: str) -> int:
+    """This process's /proc/self/status field `key` (VmRSS: resident now, VmHWM: its peak) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def rss_load_job(path):
+    """Sharded LoRA load on this rank -> the growth of its peak RSS during the load (VmHWM after - VmRSS
+    before; the peak is reset first where the kernel allows it, else the fresh process's earlier peak counts,
+    which can only make the growth look larger) and the frozen shard bytes it ends up holding."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        pass
+    before = _vm("VmRSS")
+    torch.manual_seed(0)
+    model = sharded_load.build(path, "lora", lora_cfg())
+    opt = dist.ZeroOptimizer(model, 3)
+    units = [sum(p.numel() * 4 for p in m.parameters()) for m in unit_modules(peft.unwrap(model))]
+    return {"growth": _vm("VmHWM") - before, "frozen": sum(b.shard_param.nbytes for b in opt.frozen),
+            "unit": max(units)}
+
+
+def test_peak_rss_during_sharded_load(tmp_path):
+    """Each of 2 ranks loading a 168 MiB fp32 llama (LoRA, frozen base sharded) grows its peak RSS by at most
+    1/2 of the model + one unit (the largest: a block or the embedding) + 32 MiB, and by at least its frozen
+    shard (the measurement sees the load): no rank ever holds the whole model."""
+    cfg = dict(W.TINY, vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
+               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256)
+    model = M.Transformer(M.ModelConfig(**cfg)).init_weights(seed=0)
+    save_pretrained(model, tmp_path / "m")
+    total = os.path.getsize(tmp_path / "m" / "model.safetensors")
+    del model
+    codes, _ = W.launch(2, [("rss", rss_load_job, dict(path=str(tmp_path / "m")))], str(tmp_path))
+    assert codes == [0, 0]
+    for r in range(2):
+        rec = torch.load(tmp_path / f"rss.rank{r}.pt")
+        bound = total / 2 + rec["unit"] + 32 * 2**20
+        print(f"rank {r}: peak RSS +{rec['growth'] / 2**20:.1f} MiB during the load of a {total / 2**20:.1f} MiB "
+              f"model (bound {bound / 2**20:.1f}: half {total / 2**21:.1f} + unit {rec['unit'] / 2**20:.1f} + 32); "
+              f"frozen shard {rec['frozen'] / 2**20:.1f} MiB")
+        assert rec["frozen"] <= rec["growth"] <= bound, rec

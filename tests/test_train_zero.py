@@ -80,12 +80,13 @@ def test_zero2_offload_full_two_ranks_equals_one_process(setup):
     assert_ledger(d / "plain-full", 1)  # stage 0: plain data parallel
 
 
-KILL_AFTER_SAVE_4 = """
+KILL_AFTER_SAVE = """
 orig = train.save_checkpoint
 def save(out, step, *a, **k):
     orig(out, step, *a, **k)
-    if step == 4:
-        torch.distributed.barrier()  # rank 0 has renamed step-4 into place
+    if step == %d:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has renamed the checkpoint into place
         os.kill(os.getpid(), signal.SIGKILL)
 train.save_checkpoint = save
 """
@@ -99,7 +100,7 @@ def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
     ev = ["--eval-data", setup["eval"], "--eval-every", "4", "--eval-samples", "1", "--save-every", "4"]
     train.main(args(setup, d / "plain-lora", *LORA, *ev, "--batch-size", "4"))
     zero3 = args(setup, d / "z3", *LORA, *ev, "--batch-size", "2", "--zero", "3")
-    r = torchrun(zero3, patch=KILL_AFTER_SAVE_4, check=False)
+    r = torchrun(zero3, patch=KILL_AFTER_SAVE % 4, check=False)
     assert r.returncode != 0 and train.complete_checkpoints(d / "z3") == [4], r.stderr[-3000:]
     assert sorted(p.name for p in (d / "z3" / "checkpoints" / "step-4").iterdir()) == [
         "manifest.json", "state.pt", "trainer_state.json", "zero.safetensors"]
@@ -110,6 +111,25 @@ def test_zero3_lora_killed_and_resumed_equals_one_process(setup):
     # a ZeRO checkpoint resumed without --zero: one line, no traceback
     with pytest.raises(SystemExit, match=r"^error: .*step-8: written with --zero; resume it with --zero too$"):
         train.main(args(setup, d / "z3", *LORA, "--batch-size", "4", "--resume"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_zero3_resume_two_four_one_ranks_equals_one_process(setup, method):
+    """--zero 3 across world sizes: 2 ranks x batch 2 killed after the step-3 checkpoint, resumed on 4 ranks x
+    batch 1 and killed after step 6, resumed in 1 process x batch 4 to step 8 (the same global batch of 4): the
+    8 losses and the final adapter / model equal the uninterrupted plain 1-process run (rtol / atol 1e-6)."""
+    d, name = setup["dir"], f"z3-241-{method}"
+    method_args = LORA if method == "lora" else ["--method", "full"]
+    train.main(args(setup, d / f"plain-241-{method}", *method_args, "--batch-size", "4"))
+    run = args(setup, d / name, *method_args, "--save-every", "3", "--keep", "3", "--zero", "3")
+    for ranks, batch, kill_at, want in ((2, "2", 3, [3]), (4, "1", 6, [3, 6])):
+        r = run_train(run + ["--batch-size", batch] + (["--resume"] if ranks == 4 else []),
+                      KILL_AFTER_SAVE % kill_at, ranks=ranks, check=False)
+        assert r.returncode != 0 and train.complete_checkpoints(d / name) == want, r.stderr[-3000:]
+    train.main(run + ["--batch-size", "4", "--resume"])
+    assert train.complete_checkpoints(d / name) == [3, 6]
+    assert_same_run(d / name, d / f"plain-241-{method}")
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -97,3 +97,55 @@ def test_ledger_cli_from_config_only(runs, tmp_path, capsys, method):
     lines = capsys.readouterr().out.splitlines()
     printed = {ln.split()[0]: int(ln.split()[1].replace(",", "")) for ln in lines[1:6]}
     assert printed == runs[f"ledger3{method}True", 2][0]["measured"]
+
+
+@pytest.mark.parametrize("method,tied,checkpointing", [
+    ("lora", True, False), ("lora", False, True), ("qlora", True, False), ("qlora", False, True)])
+def test_one_gathered_block_at_a_time(monkeypatch, method, tied, checkpointing):
+    """Stage 3 gathers one decoder block's frozen base at a time, in forward and in backward, the first block
+    included (its input needs no gradient: freed with its LoRA gradients, inside backward), and the run still
+    equals torch.optim.AdamW. Recorded on every gather and free of one process's frozen buckets."""
+    from dist import zero3
+    torch.set_num_threads(1)
+    ref = W.reference(method=method, tied=tied, steps=3)
+    events, gathered = [], {}  # (what, unit, gathered units, id(bucket)); id(bucket) -> (unit, bytes)
+    unit_bytes, peak = {}, [0]  # a block's frozen bytes when gathered; the most block bytes gathered at once
+    real_gather, real_free, real_backward = zero3.gather, zero3.free, torch.autograd.backward
+    n_blocks = W.TINY["num_hidden_layers"]
+
+    def gather(b):
+        was = b.gathered
+        real_gather(b)
+        if hasattr(b, "unit") and not was:  # a frozen bucket, gathered now
+            gathered[id(b)] = (b.unit, b.full.untyped_storage().nbytes())
+            events.append(("gather", b.unit, sorted({u for u, _ in gathered.values()}), id(b)))
+            unit_bytes[b.unit, id(b)] = b.full.untyped_storage().nbytes()
+            blocks = {u for u, _ in gathered.values() if 1 <= u <= n_blocks}
+            assert len(blocks) <= 1, events[-8:]  # units 1..L are the decoder blocks
+            peak[0] = max(peak[0], sum(n for u, n in gathered.values() if 1 <= u <= n_blocks))
+
+    def free(b):
+        real_free(b)
+        if gathered.pop(id(b), None) is not None:
+            events.append(("free", b.unit, sorted({u for u, _ in gathered.values()}), id(b)))
+
+    def backward(*a, **k):
+        real_backward(*a, **k)
+        events.append(("end of backward", None, sorted({u for u, _ in gathered.values()}), None))
+    monkeypatch.setattr(zero3, "gather", gather)
+    monkeypatch.setattr(zero3, "free", free)
+    monkeypatch.setattr(torch.autograd, "backward", backward)
+    res = W.train_zero(3, stop=3, method=method, tied=tied, checkpointing=checkpointing)
+    assert_same(res, ref)
+    # every block is gathered in forward and again in backward, and freed before backward ends
+    ends = [i for i, e in enumerate(events) if e[0] == "end of backward"]
+    assert len(ends) == 3 * W.ACCUM
+    for e in ends:
+        assert not [u for u in events[e][2] if 1 <= u <= n_blocks], events[e][:3]
+    first = events[:ends[0]]
+    for (u, b), _ in unit_bytes.items():
+        if 1 <= u <= n_blocks:
+            assert [w for w, _, _, i in first if i == b] == ["gather", "free", "gather", "free"], (u, first)
+    # the bytes: the largest block's frozen buckets, never two blocks' (measured on the gathered storages)
+    per_block = [sum(n for (v, _), n in unit_bytes.items() if v == u) for u in range(1, n_blocks + 1)]
+    assert peak[0] == max(per_block) > 0, (peak, per_block)
