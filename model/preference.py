@@ -186,7 +186,8 @@ def loss_sum(model, batch, device, cfg, reference):
             losses, rw, rl = orpo(pc, pr, nc, nr, cfg.beta)
             losses = losses - pc / nc.clamp(min=1)
         return losses.sum(), {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(),
-                              "rewards/margins": (rw - rl).sum(), "rewards/accuracies": (rw > rl).float().sum()}
+                              "rewards/margins": (rw - rl).sum(), "rewards/accuracies": (rw > rl).float().sum(),
+                              "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
     k = batch["examples"]  # KTO: rows [0, k) are the examples, [k, 2k) the mismatched KL rows
     lp, _ = completion_logps(model, rows(batch, 0, k), device)                  # (k,)
     with torch.no_grad():  # the KL rows get no gradient: a forward of their own, no graph kept for them

@@ -138,8 +138,12 @@ def test_dpo_loss_is_per_pair_across_micro_batches_and_ranks(setup, tmp_path):
     for name in ("accum", "ranks", "zero3"):
         got = metrics(tmp_path / name)
         for a, b in zip(want, got):
-            for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+            for k in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected"):
                 assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (name, k, a[k], b[k])
+            for side in ("chosen", "rejected"):  # beta * (log pi - log pi_ref): fp32 rounds it relative to the
+                k = f"rewards/{side}"                 # summed log-probs it is the difference of, not to itself
+                scale = train.TrainConfig().beta * abs(a[f"logps/{side}"])
+                assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k]), scale), (name, k, a[k], b[k], scale)
 
 
 def test_preference_flags_are_checked_before_anything_is_written(setup, tmp_path):
