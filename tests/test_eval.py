@@ -98,7 +98,8 @@ def test_adapters_equal_plain_forwards(tmp_path, method):
     score what one plain forward per choice through the same adapted model scores."""
     mdir, task = tiny.make_model(tmp_path / "m", seed=5), task_files(tmp_path)
     tok = M.load_tokenizer(mdir)
-    model = peft.apply(M.load_pretrained(mdir), peft.method_config(method, {"llama_adapter": {"adapter_layers": 2}}, str(mdir)))
+    cfg = peft.method_config(method, {"llama_adapter": {"adapter_layers": 2}}, str(mdir))  # the tiny model's 2
+    model = peft.apply(M.load_pretrained(mdir), cfg)
     torch.manual_seed(7)  # LoRA's B and LLaMA-Adapter's gate start at zero: the adapter must change the scores
     with torch.no_grad():
         for p in model.parameters():
