@@ -4,7 +4,8 @@ Qwen3-MoE) at a ~100M-parameter random config, ours vs transformers (+ HF PEFT),
 Each (architecture, method, side) runs in its own fresh process (peak RSS is per process), `python -P` outside the
 repo so that HF's peft is the one imported on the transformers side. fp32, AdamW, median step time after a warm-up
 step, over --arch-rounds fresh processes per side in alternating order (this VM's speed drifts by tens of %
-between minutes). LoRA: r=8 on the attention projections (q_proj, v_proj; Phi-3's fused qkv_proj), the same on both sides.
+between minutes). LoRA: r=8 on the attention projections (q_proj, v_proj; Phi-3's fused qkv_proj), the same on
+both sides.
 The dispatch bench times one MoE block forward + backward (all its weights trained, or the experts frozen as
 under LoRA on attention), in alternating rounds: our sorted dispatch (grouped_mm; and its per-expert loop, which a
 wrapped expert takes) vs transformers' expert loop (`experts_implementation="eager"`) and its default
@@ -176,7 +177,8 @@ def main():
             rows.append((arch, n, r))
             print(arch, json.dumps(r), file=sys.stderr)
     print(f"fp32, B{args.batch}xT{args.seq}, {args.threads} threads, median over {args.arch_rounds} alternating "
-          f"rounds of each process's median of {args.steps - 1} steps after a warm-up; peak RSS: the largest; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+          f"rounds of each process's median of {args.steps - 1} steps after a warm-up; peak RSS: the largest; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
     print("| arch (params) | method | nanotune tok/s | transformers tok/s | ratio | nanotune RSS GB | "
           "transformers RSS GB |\n|---|---|---|---|---|---|---|")
     for arch, n, r in rows:

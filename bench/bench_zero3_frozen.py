@@ -42,7 +42,8 @@ def main():
         a.layers, a.hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
     data = write_jsonl(d / "train.jsonl", chat_records(32, seed=2))
     size = (m / "model.safetensors").stat().st_size
-    print(f"model {m}\nrandom llama: {a.layers} layers, hidden {a.hidden}: {size / 1e6:.0f} MB of fp32 weights ({size / 4e6:.0f}M "
+    print(f"model {m}\nrandom llama: {a.layers} layers, hidden {a.hidden}: {size / 1e6:.0f} MB of fp32 weights "
+          f"({size / 4e6:.0f}M "
           f"params); LoRA r=16 all-linear, batch 1 x 128 tokens per rank, {a.steps} step(s); load {os.getloadavg()}\n")
     print("| method | zero | world | frozen MB/rank | trainable state MB/rank | RSS after step 1 MB/rank | "
           "peak RSS MB/rank | peak / 1-rank peak | wall s |")
